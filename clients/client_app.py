@@ -1,0 +1,46 @@
+"""fedtune ClientApp: read the message -> train / evaluate with fedtune -> reply."""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune import pipeline
+from fedtune.config import parse
+from fedtune.fl.records import key_from_config, payload_to_record, record_to_state
+
+app = ClientApp()
+
+
+def _partition_id(context: Context) -> int:
+    """Simulation sets partition-id; a deployed SuperNode gets it from --node-config."""
+    pid = context.node_config.get("partition-id")
+    if not isinstance(pid, int):
+        raise ValueError("node config lacks an integer 'partition-id' (--node-config \"partition-id=0\")")
+    return pid
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = parse(context.run_config, validate_methods=False)
+    config = msg.content["config"]
+    payload, metrics = pipeline.client_round(
+        cfg,
+        _partition_id(context),
+        record_to_state(msg.content["arrays"]),
+        key=key_from_config(config),
+        server_round=int(config["server-round"]),
+        slot=int(config["slot"]),
+    )
+    content = RecordDict({"arrays": payload_to_record(payload), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global adapter on this client's own data."""
+    cfg = parse(context.run_config, validate_methods=False)
+    res = pipeline.evaluate_state(
+        cfg, record_to_state(msg.content["arrays"]), on="client", partition_id=_partition_id(context)
+    )
+    return Message(content=RecordDict({"metrics": MetricRecord(res)}), reply_to=msg)

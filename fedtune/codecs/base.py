@@ -1,0 +1,119 @@
+"""Codec protocol, payload errors, block layout and input validation shared by all codecs."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from fedtune.layout import layout_hash
+
+Delta = Mapping[str, torch.Tensor]
+
+
+class PayloadError(ValueError):
+    """A payload that cannot be decoded; the message names what was wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A contiguous slice ``[start, stop)`` of one flattened tensor: the unit of projection."""
+
+    index: int
+    name: str
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def make_blocks(spec: Delta, max_block: int) -> list[Block]:
+    """One block per tensor, tensors above ``max_block`` elements split into equal chunks.
+
+    Depends only on names and shapes, so encoder and decoder build the same list.
+    """
+    blocks: list[Block] = []
+    for name, t in spec.items():
+        n = t.numel()
+        parts = max(1, math.ceil(n / max_block))
+        for p in range(parts):
+            a, b = n * p // parts, n * (p + 1) // parts
+            blocks.append(Block(len(blocks), name, a, b))
+    return blocks
+
+
+def check_spec(like: Any) -> None:
+    """``like`` must be a non-empty mapping of names to tensors."""
+    if not isinstance(like, Mapping) or not like:
+        raise TypeError("like must be a non-empty dict[str, Tensor] describing the adapter")
+    for name, t in like.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise TypeError(f"like[{name!r}] must map a str to a Tensor")
+
+
+def check_delta(delta: Any) -> dict[str, torch.Tensor]:
+    """Validate an update and return its tensors as flat float32 (same device)."""
+    check_spec(delta)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in delta.items():
+        if not t.is_floating_point():
+            raise TypeError(f"delta[{name!r}] must be a floating tensor, got {t.dtype}")
+        flat = t.detach().reshape(-1).to(torch.float32)
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError(f"delta[{name!r}] contains non-finite values")
+        out[name] = flat
+    return out
+
+
+def check_ids(key: int, round: int, slot: int) -> None:
+    if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 1 << 64:
+        raise ValueError(f"key must be an int in [0, 2**64), got {key!r}")
+    for name, v in (("round", round), ("slot", slot)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 32:
+            raise ValueError(f"{name} must be an int in [0, 2**32), got {v!r}")
+
+
+def empty_like_spec(like: Delta) -> dict[str, torch.Tensor]:
+    """fp32 CPU zeros with the names and shapes of ``like``."""
+    return {n: torch.zeros(t.shape, dtype=torch.float32) for n, t in like.items()}
+
+
+def spec_hash(like: Delta) -> int:
+    return layout_hash(like)
+
+
+class Codec(abc.ABC):
+    """Encodes an update ``dict[str, Tensor]`` into bytes and back.
+
+    ``encode(delta, key, round=, slot=)`` -> payload; ``decode(payload, like=, key=, round=,
+    slot=)`` -> fp32 CPU dict with the names and shapes of ``like``. ``key``/``round``/``slot``
+    given to ``decode`` are expectations: a payload whose header disagrees raises
+    :class:`PayloadError`. Decoding is deterministic: the same payload decodes to the same
+    tensors on every run.
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def encode(self, delta: Any, key: int, *, round: int = 0, slot: int = 0) -> bytes: ...
+
+    @abc.abstractmethod
+    def decode(
+        self,
+        payload: bytes,
+        like: Delta,
+        *,
+        key: int | None = None,
+        round: int | None = None,
+        slot: int | None = None,
+    ) -> dict[str, torch.Tensor]: ...
+
+    @abc.abstractmethod
+    def max_payload_bytes(self, like: Delta) -> int:
+        """Largest payload this codec could produce for ``like``; larger ones are rejected."""

@@ -1,0 +1,63 @@
+"""Conversions between fedtune's tensors / payloads and Flower records (the only Flower glue
+besides :mod:`fedtune.fl.strategy`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+PAYLOAD = "payload"
+
+
+class RecordError(ValueError):
+    """A reply's records are missing or malformed."""
+
+
+def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """fp32 CPU tensors -> ArrayRecord keyed by tensor name (bf16 cannot pass numpy)."""
+    return ArrayRecord(
+        {k: Array(v.detach().to("cpu", torch.float32).contiguous().numpy()) for k, v in state.items()}
+    )
+
+
+def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """ArrayRecord -> fp32 CPU tensors in the record's order."""
+    out: dict[str, torch.Tensor] = {}
+    for k, arr in record.items():
+        a = arr.numpy()
+        if a.dtype.kind != "f":
+            raise RecordError(f"array {k!r} has dtype {a.dtype}, expected floating point")
+        out[k] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return out
+
+
+def payload_to_record(payload: bytes) -> ArrayRecord:
+    """An encoded update travels as ONE uint8 array named 'payload'."""
+    return ArrayRecord({PAYLOAD: Array(np.frombuffer(payload, dtype=np.uint8).copy())})
+
+
+def record_to_payload(record: ArrayRecord) -> bytes:
+    """The bytes of a reply's 'payload' array, or a RecordError saying what is wrong."""
+    if PAYLOAD not in record:
+        raise RecordError(f"reply has no '{PAYLOAD}' array (found {sorted(record.keys())[:5]})")
+    if len(record) != 1:
+        raise RecordError(f"reply carries {len(record)} arrays; expected only '{PAYLOAD}'")
+    a = record[PAYLOAD].numpy()
+    if a.dtype != np.uint8 or a.ndim != 1:
+        raise RecordError(f"'{PAYLOAD}' must be a 1-D uint8 array, got {a.dtype} with shape {a.shape}")
+    return a.tobytes()
+
+
+def key_to_config(key: int) -> bytes:
+    """64-bit keys exceed ConfigRecord's signed int64: send them as 8 little-endian bytes."""
+    return int(key).to_bytes(8, "little")
+
+
+def key_from_config(config: ConfigRecord, name: str = "key") -> int:
+    raw = config.get(name)
+    if not isinstance(raw, bytes) or len(raw) != 8:
+        raise RecordError(f"train config has no valid '{name}' (8 bytes), got {raw!r}")
+    return int.from_bytes(raw, "little")

@@ -1,0 +1,222 @@
+"""One Flower strategy for every combination of adapter, codec, merger and server optimizer.
+
+The parts are injected, not subclassed (torchtune's composition over inheritance):
+
+* ``configure_train`` samples nodes like FedAvg, then gives every node its own train message:
+  the global adapter plus ``slot`` and ``key = H(run seed, round, slot)``. Clients cannot pick
+  their keys, so they cannot pick their projection directions.
+* ``aggregate_train`` validates every reply (Flower error, records, num-examples, the wire
+  checks of the codec: version, layout hash, round, slot, key, CRC, finite values, an
+  optional norm bound), drops the invalid ones with a logged reason, decodes the rest,
+  merges them and applies the server optimizer. With fewer than ``min_valid`` valid replies
+  the round keeps the previous global adapter and says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedtune import rng
+from fedtune.fl.records import (
+    RecordError,
+    key_to_config,
+    record_to_payload,
+    record_to_state,
+    state_to_record,
+)
+
+Tensors = dict[str, torch.Tensor]
+_MERGE_TAG = 0x3E26E  # separates the merger's round key from the clients' keys
+
+
+@dataclass
+class RoundStats:
+    """What one training round did, for the progress line, the JSONL file and tests."""
+
+    round: int
+    sampled: int = 0
+    valid: int = 0
+    dropped: dict[str, str] = field(default_factory=dict)  # node id -> reason
+    train_loss: float = math.nan
+    num_examples: int = 0
+    bytes_up: int = 0  # sum over replies of the reply's ArrayRecord bytes
+    bytes_down: int = 0  # sum over sent messages of the ArrayRecord bytes
+    skipped: bool = False
+    update_norm: float = 0.0
+
+
+class FedTuneStrategy(FedAvg):
+    """FedAvg's sampling and message plumbing with fedtune's codec / merger / server opt."""
+
+    def __init__(
+        self,
+        *,
+        codec: Any,
+        merger: Any,
+        server_opt: Any,
+        spec: Mapping[str, torch.Tensor],
+        run_seed: int,
+        min_valid: int = 1,
+        clip: Any = None,
+        max_update_norm: float = 0.0,
+        on_round: Callable[[RoundStats], None] | None = None,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        super().__init__(fraction_evaluate=0.0, **fedavg_kwargs)
+        self.codec = codec
+        self.merger = merger
+        self.server_opt = server_opt
+        self.spec = dict(spec)
+        self.run_seed = run_seed
+        self.min_valid = min_valid
+        self.clip = clip
+        self.max_update_norm = max_update_norm
+        self.on_round = on_round
+        self.current: Tensors = {}
+        self.issued: dict[int, tuple[int, int]] = {}  # node id -> (slot, key) of this round
+        self.history: list[RoundStats] = []
+        self._stats = RoundStats(0)
+
+    # ------------------------------------------------------------------ configure
+    def client_key(self, server_round: int, slot: int) -> int:
+        """The key the server issues to client ``slot`` in ``server_round``."""
+        return rng.derive_key(self.run_seed, server_round, slot)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current = record_to_state(arrays)
+        template = list(super().configure_train(server_round, arrays, config, grid))
+        node_ids = sorted(m.metadata.dst_node_id for m in template)
+        self.issued = {}
+        messages = []
+        down = arrays.count_bytes()
+        for slot, node_id in enumerate(node_ids):
+            key = self.client_key(server_round, slot)
+            self.issued[node_id] = (slot, key)
+            cfg = ConfigRecord(dict(config))
+            cfg["server-round"] = server_round
+            cfg["slot"] = slot
+            cfg["key"] = key_to_config(key)
+            messages.append(
+                Message(
+                    content=RecordDict({"arrays": arrays, "config": cfg}),
+                    message_type=template[0].metadata.message_type,
+                    dst_node_id=node_id,
+                )
+            )
+        self._stats = RoundStats(server_round, sampled=len(messages), bytes_down=down * len(messages))
+        return messages
+
+    # ------------------------------------------------------------------ aggregate
+    def decode_reply(self, server_round: int, msg: Message) -> tuple[Tensors, float, float]:
+        """(delta, weight, train loss) of one reply, or ValueError saying why it is invalid."""
+        if msg.has_error():
+            raise ValueError(f"client error: {msg.error.reason}")
+        node = msg.metadata.src_node_id
+        if node not in self.issued:
+            raise ValueError("reply from a node that was not sent a train message this round")
+        slot, key = self.issued[node]
+        content = msg.content
+        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+            raise RecordError("reply lacks the 'arrays' ArrayRecord or the 'metrics' MetricRecord")
+        metrics = content.metric_records["metrics"]
+        n = metrics.get("num-examples")
+        if not isinstance(n, int | float) or isinstance(n, bool) or not math.isfinite(n) or n <= 0:
+            raise ValueError(f"num-examples must be a positive number, got {n!r}")
+        loss = metrics.get("train-loss", math.nan)
+        payload = record_to_payload(content.array_records["arrays"])
+        delta = self.codec.decode(payload, like=self.spec, key=key, round=server_round, slot=slot)
+        norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
+        if not math.isfinite(norm):
+            raise ValueError("decoded update is not finite")
+        if self.max_update_norm > 0 and norm > self.max_update_norm:
+            raise ValueError(f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:.4g}")
+        return delta, float(n), float(loss) if isinstance(loss, int | float) else math.nan
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        from fedtune import merging
+
+        stats = self._stats if self._stats.round == server_round else RoundStats(server_round)
+        accepted: list[tuple[int, Tensors, float, float]] = []  # (slot, delta, weight, loss)
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            try:
+                if not msg.has_error() and "arrays" in msg.content.array_records:
+                    stats.bytes_up += msg.content.array_records["arrays"].count_bytes()
+                delta, w, loss = self.decode_reply(server_round, msg)
+            except (ValueError, KeyError, TypeError) as e:  # PayloadError / RecordError are ValueErrors
+                reason = f"{type(e).__name__}: {e}"
+                stats.dropped[str(node)] = reason
+                log(WARNING, "round %d: dropped reply from node %s: %s", server_round, node, reason)
+                continue
+            accepted.append((self.issued[node][0], delta, w, loss))
+        # merge in slot order: arrival order varies between runs, the result must not
+        accepted.sort(key=lambda a: a[0])
+        deltas = [a[1] for a in accepted]
+        weights = [a[2] for a in accepted]
+        losses = [a[3] for a in accepted]
+        stats.valid = len(deltas)
+        if stats.valid:
+            stats.num_examples = int(sum(weights))
+            finite = [(lo, w) for lo, w in zip(losses, weights, strict=True) if math.isfinite(lo)]
+            if finite:
+                stats.train_loss = sum(lo * w for lo, w in finite) / sum(w for _, w in finite)
+        if stats.valid < self.min_valid:
+            stats.skipped = True
+            log(
+                WARNING,
+                "round %d: only %d valid replies (< %d): keeping the previous global adapter",
+                server_round,
+                stats.valid,
+                self.min_valid,
+            )
+            self._finish(stats)
+            return None, self._metrics(stats)
+        round_key = rng.derive_key(self.run_seed, server_round, _MERGE_TAG)
+        merged = merging.aggregate(self.merger, deltas, weights, clip=self.clip, key=round_key)
+        stats.update_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in merged.values()))
+        new_state = self.server_opt.step(self.current, merged)
+        self._finish(stats)
+        return state_to_record(new_state), self._metrics(stats)
+
+    def _finish(self, stats: RoundStats) -> None:
+        self.history.append(stats)
+        if self.on_round is not None:
+            self.on_round(stats)
+
+    @staticmethod
+    def _metrics(stats: RoundStats) -> MetricRecord:
+        m: dict[str, int | float] = {
+            "valid-replies": stats.valid,
+            "dropped-replies": len(stats.dropped),
+            "num-examples": stats.num_examples,
+            "bytes-up": stats.bytes_up,
+            "bytes-down": stats.bytes_down,
+        }
+        if math.isfinite(stats.train_loss):
+            m["train-loss"] = stats.train_loss
+        return MetricRecord(m)
+
+    def summary(self) -> None:
+        log(
+            INFO,
+            "\t├── fedtune: codec=%s merger=%s server-opt=%s min-valid=%d",
+            type(self.codec).__name__,
+            type(self.merger).__name__,
+            type(self.server_opt).__name__,
+            self.min_valid,
+        )
+        super().summary()

@@ -1,0 +1,165 @@
+"""Run a local simulation with ``flwr run`` and clean up after it.
+
+``python -m fedtune.launch [--run-config FILE_OR_KV ...] [--num-supernodes N]``
+
+What ``flwr run`` alone does not do for us (see research/flower.md section 7):
+
+* validate the config and the data BEFORE starting anything, with a one-line message;
+* keep Flower's state in a project-local ``FLWR_HOME`` (``.flwr-home/``) with a federation
+  whose number of SuperNodes matches the number of clients;
+* stop the runtime from installing the app's dependencies into a fresh environment
+  (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``: for torch that is a multi-GB download);
+* stop the background local SuperLink it leaves running, by its process group;
+* print the run's table from the metrics file the server wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import ConfigError, defaults_from_pyproject, load_toml, parse
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_KV = re.compile(r"""([A-Za-z0-9_.-]+)\s*=\s*('[^']*'|"[^"]*"|\S+)""")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a=1 b='x'", "file.toml"]`` -> dict, with TOML value syntax as ``flwr run -c``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if item.endswith(".toml") and "=" not in item:
+            out.update(load_toml(item))
+            continue
+        pairs = _KV.findall(item)
+        if not pairs:
+            raise ConfigError(f"cannot read run-config override {item!r}; use key=value pairs")
+        for k, v in pairs:
+            try:
+                out[k] = tomllib.loads(f"x = {v}")["x"]
+            except tomllib.TOMLDecodeError:
+                out[k] = v  # a bare word: treat as a string, as Flower does
+    return out
+
+
+def stop_superlink(flwr_home: Path) -> int:
+    """Kill every process whose command line mentions ``flwr_home`` (the local SuperLink and
+    the simulation it spawned), by process group. Returns how many were signalled."""
+    killed = 0
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(flwr_home) in cmd and "flower-superlink" in cmd:
+            try:
+                os.killpg(os.getpgid(int(proc.name)), signal.SIGTERM)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+    return killed
+
+
+def write_federation(flwr_home: Path, num_supernodes: int, num_cpus: int) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        "[superlink]\n"
+        'default = "local"\n\n'
+        "[superlink.local]\n"
+        'address = ":local:"\n'
+        f"options.num-supernodes = {num_supernodes}\n"
+        f"options.backend.client-resources.num-cpus = {num_cpus}\n"
+        "options.backend.client-resources.num-gpus = 0.0\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fedtune.launch", description=__doc__.split("\n")[0])
+    ap.add_argument("--run-config", "-c", action="append", default=[], help="key=value pairs or a TOML file")
+    ap.add_argument("--num-supernodes", type=int, default=0, help="default: one per client partition")
+    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs per simulated client (Ray)")
+    ap.add_argument("--flwr-home", default=str(ROOT / ".flwr-home"))
+    ap.add_argument("--app", default=str(ROOT))
+    args = ap.parse_args(argv)
+
+    try:
+        overrides = parse_overrides(args.run_config)
+        merged = {**defaults_from_pyproject(Path(args.app) / "pyproject.toml"), **overrides}
+        cfg = parse(merged)
+        # preflight: data and model problems surface here, as one line, before Flower starts
+        from fedtune import pipeline
+
+        fed = pipeline.federation(cfg)
+        pipeline.workbench(cfg, fed)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"fedtune: error: {e}", file=sys.stderr)
+        return 2
+
+    n_nodes = args.num_supernodes or len(fed.clients)
+    if n_nodes > len(fed.clients):
+        print(
+            f"fedtune: error: --num-supernodes {n_nodes} exceeds the {len(fed.clients)} client partitions",
+            file=sys.stderr,
+        )
+        return 2
+    run_name = cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    out_dir = Path(cfg.output_dir)
+    if not out_dir.is_absolute():
+        out_dir = Path.cwd() / out_dir
+    overrides.update({"output-dir": str(out_dir), "run-name": run_name})
+    if "min-available-nodes" not in overrides:
+        overrides["min-available-nodes"] = min(n_nodes, cfg.min_available_nodes) if n_nodes else 1
+        overrides.setdefault("min-train-nodes", min(cfg.min_train_nodes, overrides["min-available-nodes"]))
+    flwr_home = Path(args.flwr_home).resolve()
+    write_federation(flwr_home, n_nodes, args.num_cpus)
+    override_file = flwr_home / f"run-config-{run_name}.toml"
+    override_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in overrides.items()))
+
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    print(f"fedtune: {len(fed.clients)} clients ({', '.join(fed.client_names)}), {n_nodes} SuperNodes")
+    flwr = Path(sys.executable).with_name("flwr")
+    cmd = [str(flwr), "run", args.app, "local", "--stream", "--run-config", str(override_file)]
+    stop_superlink(flwr_home)  # a SuperLink left from an earlier run would keep its old env
+    try:
+        proc = subprocess.run(cmd, env=env, check=False)
+    finally:
+        stop_superlink(flwr_home)
+    run_dir = out_dir / run_name
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists() or not (run_dir / "adapter").exists():
+        print(f"fedtune: error: the run did not complete (flwr exit code {proc.returncode}); see the log above", file=sys.stderr)
+        return 1
+    from fedtune.metrics import MetricsLog, summary_table
+
+    print(summary_table(MetricsLog(metrics).rows()))
+    print(f"fedtune: metrics {metrics}\nfedtune: adapter {run_dir / 'adapter'}")
+    return 0
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Shared sparsification and sign-election primitives for the merge methods.
+
+* :func:`kth_largest_abs` -- the exact k-th largest ``|x|`` over several tensors without
+  concatenating them: a two-pass 16-bit radix select on the fp32 bit patterns (for
+  non-negative floats the int32 view is monotone), run chunk by chunk, so the extra memory
+  is O(chunk) and there is no 2**24 size limit (``torch.quantile`` has one, pytorch#64947).
+* :func:`topk_count` -- how many entries a ``density`` keeps (``floor(density * n)``, the
+  rule of PEFT's ``magnitude_based_pruning`` and of the TIES reference code).
+* :func:`magnitude_mask` -- keep ``|x| >= t`` and ``x != 0`` (zeros are never "kept").
+* :class:`SignedAccumulator` -- the O(d) streaming state of TIES-style elect + disjoint
+  mean: per-sign running sums of ``w * x`` and of ``w`` (4 vectors).
+* :func:`bernoulli_keep` -- the DARE keep mask drawn from :mod:`fedtune.rng`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+#: Elements processed at once when a pass walks a large tensor (bounds temporaries).
+CHUNK = 1 << 20
+#: Below this many elements a plain ``torch.kthvalue`` on a concatenation is used.
+SMALL = 1 << 16
+
+
+def topk_count(density: float, n: int) -> int:
+    """Entries kept out of ``n`` at ``density``: ``floor(density * n)``.
+
+    A relative epsilon absorbs float noise such as ``0.29 * 100 = 28.999999999999996``.
+    """
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    return min(n, math.floor(density * n * (1.0 + 1e-12)))
+
+
+def _chunks(flat: Tensor, chunk: int = CHUNK) -> Iterable[Tensor]:
+    for s in range(0, flat.numel(), chunk):
+        yield flat[s : s + chunk]
+
+
+def _sortable(c: Tensor) -> Tensor:
+    """fp32 -> int64 in ``[0, 2**32)`` with the same order (IEEE total order, -0 < +0)."""
+    b = c.contiguous().view(torch.int32)
+    # Negative floats order backwards as integers: flip their 31 magnitude bits.
+    b = b ^ ((b >> 31) & 0x7FFFFFFF)
+    return b.to(torch.int64) + (1 << 31)
+
+
+def _unsortable(u: int) -> float:
+    """Inverse of :func:`_sortable` for one value."""
+    b = u - (1 << 31)
+    if b < 0:
+        b ^= 0x7FFFFFFF
+    return float(torch.tensor([b], dtype=torch.int32).view(torch.float32)[0])
+
+
+def kth_smallest(chunks: Callable[[], Iterable[Tensor]], k: int) -> float:
+    """Exact k-th smallest (1-based) fp32 value over the chunks yielded by ``chunks()``.
+
+    ``chunks`` is called twice (two radix passes of 16 bits), so it may regenerate derived
+    values chunk by chunk instead of holding them. Ties count with multiplicity. NaNs are
+    not allowed.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    hist: Tensor | None = None
+    total = 0
+    for c in chunks():
+        if c.dtype != torch.float32:
+            raise ValueError("kth_smallest expects fp32 values")
+        u = _sortable(c.reshape(-1))
+        h = torch.bincount(u >> 16, minlength=1 << 16)
+        hist = h if hist is None else hist + h
+        total += c.numel()
+    if hist is None or k > total:
+        raise ValueError(f"k={k} is larger than the number of values ({total})")
+    hi, k2 = _select_bin(hist, k)
+    lo_hist: Tensor | None = None
+    for c in chunks():
+        u = _sortable(c.reshape(-1))
+        sel = u[(u >> 16) == hi]
+        if sel.numel():
+            h = torch.bincount(sel & 0xFFFF, minlength=1 << 16)
+            lo_hist = h if lo_hist is None else lo_hist + h
+    assert lo_hist is not None
+    lo, _ = _select_bin(lo_hist, k2)
+    return _unsortable((hi << 16) | lo)
+
+
+def _select_bin(hist: Tensor, k: int) -> tuple[int, int]:
+    """Bin holding the k-th smallest element, and k's rank within that bin."""
+    csum = torch.cumsum(hist, 0)
+    idx = int(torch.searchsorted(csum, torch.tensor([k], dtype=csum.dtype, device=csum.device))[0])
+    below = int(csum[idx - 1]) if idx > 0 else 0
+    return idx, k - below
+
+
+def kth_largest_abs(tensors: Sequence[Tensor], k: int) -> Tensor:
+    """Exact k-th largest ``|x|`` (1-based) over all elements of ``tensors`` (fp32).
+
+    Returns a 0-d fp32 tensor on the tensors' device. Ties count with multiplicity, so
+    ``|x| >= result`` selects at least ``k`` entries (more when the threshold is tied).
+    Small inputs use ``torch.kthvalue`` on a concatenation; large ones the chunked radix
+    select :func:`kth_smallest` (O(chunk) extra memory).
+    """
+    flats = [t.reshape(-1) for t in tensors]
+    total = sum(f.numel() for f in flats)
+    if not 1 <= k <= total:
+        raise ValueError(f"k must be in [1, {total}], got {k}")
+    if any(f.dtype != torch.float32 for f in flats):
+        raise ValueError("kth_largest_abs expects fp32 tensors")
+    device = flats[0].device
+    if total <= SMALL:
+        a = torch.cat([f.abs() for f in flats])
+        return torch.kthvalue(a, total - k + 1).values
+    v = kth_smallest(lambda: (c.abs() for f in flats for c in _chunks(f)), total - k + 1)
+    return torch.tensor(v, dtype=torch.float32, device=device)
+
+
+def magnitude_threshold(tensors: Sequence[Tensor], density: float) -> Tensor | None:
+    """Threshold ``t`` so that ``|x| >= t`` keeps the top ``density`` fraction by magnitude.
+
+    ``None`` means "keep every non-zero" (density 1); ``+inf`` means keep nothing
+    (``floor(density * n) == 0``).
+    """
+    n = sum(t.numel() for t in tensors)
+    k = topk_count(density, n)
+    device = tensors[0].device if tensors else None
+    if k >= n:
+        return None
+    if k == 0:
+        return torch.tensor(math.inf, device=device)
+    return kth_largest_abs(tensors, k)
+
+
+def magnitude_mask(x: Tensor, threshold: Tensor | None) -> Tensor:
+    """Boolean mask of the entries kept: ``|x| >= threshold`` and ``x != 0``."""
+    if threshold is None:
+        return x != 0
+    return (x.abs() >= threshold) & (x != 0)
+
+
+def bernoulli_keep(
+    key: int, n: int, keep_prob: float, offset: int = 0, device: torch.device | None = None
+) -> Tensor:
+    """DARE keep mask: element ``i`` is kept iff ``U(key, stream 0, offset + i) < keep_prob``.
+
+    Drawn from :func:`fedtune.rng.uniform`, so it does not depend on chunking or device.
+    """
+    from fedtune import rng
+
+    return rng.uniform(key, 0, n, offset=offset, device=device) < keep_prob
+
+
+class SignedAccumulator:
+    """Streaming TIES elect + disjoint weighted mean over a flat vector of ``d`` coordinates.
+
+    State (4 fp32 vectors): ``pos_sum = Σ w_i x_i [x_i > 0]``, ``neg_sum`` likewise for
+    ``x_i < 0``, and ``pos_w = Σ w_i [x_i > 0]``, ``neg_w``. At the end the elected sign is
+    ``sign(pos_sum + neg_sum) = sign(Σ w_i x_i)`` and the result is ``pos_sum / pos_w`` where
+    it is positive, ``neg_sum / neg_w`` where negative, and 0 where the sum is exactly 0.
+    """
+
+    def __init__(self, d: int, device: torch.device) -> None:
+        z = lambda: torch.zeros(d, dtype=torch.float32, device=device)  # noqa: E731
+        self.pos_sum, self.neg_sum, self.pos_w, self.neg_w = z(), z(), z(), z()
+
+    def add(self, offset: int, x: Tensor, weight: float) -> None:
+        """Add ``weight * x`` (a flat chunk whose trimmed-away entries are already 0)."""
+        sl = slice(offset, offset + x.numel())
+        pos, neg = x > 0, x < 0
+        wx = x * weight
+        self.pos_sum[sl] += torch.where(pos, wx, 0.0)
+        self.neg_sum[sl] += torch.where(neg, wx, 0.0)
+        self.pos_w[sl] += pos.to(torch.float32) * weight
+        self.neg_w[sl] += neg.to(torch.float32) * weight
+
+    def finish(self) -> Tensor:
+        """The disjoint weighted mean; computed chunk by chunk into ``pos_sum`` (consumed)."""
+        out = self.pos_sum
+        for s in range(0, out.numel(), CHUNK):
+            sl = slice(s, s + CHUNK)
+            p, n = self.pos_sum[sl], self.neg_sum[sl]
+            total = p + n
+            # Where the elected sign is +, pos_w > 0 (some client contributed a positive
+            # value), so the clamp only guards the coordinates that are masked out anyway.
+            r = torch.where(total > 0, p / self.pos_w[sl].clamp_min(1e-30), 0.0)
+            r = torch.where(total < 0, n / self.neg_w[sl].clamp_min(1e-30), r)
+            out[sl] = r
+        del self.neg_sum, self.pos_w, self.neg_w
+        return out

@@ -1,0 +1,149 @@
+"""What a client does in a round and how the server evaluates, composed from the parts.
+
+The Flower apps in ``clients/`` and ``server/`` are thin: they read a message, call one
+function here, and reply. Nothing here imports Flower.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedtune import adapters, codecs, rng
+from fedtune.config import Config
+from fedtune.data import Federation, build_federation
+from fedtune.evaluate import evaluate_classifier, evaluate_lm
+from fedtune.models import load_model, resolve_device
+from fedtune.train import collate_for, eval_batches, shuffled_batches, train_local
+
+Tensors = dict[str, torch.Tensor]
+
+# fixed stream tags so different uses of the run seed never share a key
+_ADAPTER_INIT, _CLIENT_DATA = 0xADA, 0xDA7A
+
+
+def adapter_key(cfg: Config) -> int:
+    """Key for the adapter's random init (A matrices, MoS index lists, task head)."""
+    return rng.derive_key(cfg.seed, _ADAPTER_INIT)
+
+
+def build_adapter(cfg: Config) -> Any:
+    """The configured adapter method with its options from ``cfg``."""
+    if cfg.adapter == "lora":
+        return adapters.get(
+            "lora",
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=cfg.targets,
+            task=cfg.task,
+            ffa=cfg.factor_mode == "ffa",
+        )
+    return adapters.get(cfg.adapter)
+
+
+@dataclass
+class Workbench:
+    """A base model with the adapter attached, its tokenizer, and the adapter method."""
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: Any
+    device: torch.device
+    initial: Tensors  # the keyed initial trainable state
+
+
+@lru_cache(maxsize=2)
+def _workbench(cfg: Config, num_labels: int) -> Workbench:
+    base, tok = load_model(cfg.model, cfg.task, num_labels)
+    adapter = build_adapter(cfg)
+    model = adapter.attach(base, adapter_key(cfg))
+    device = resolve_device(cfg.device)
+    model.to(device)
+    return Workbench(model, tok, adapter, device, adapters.trainable_state(model))
+
+
+def workbench(cfg: Config, fed: Federation) -> Workbench:
+    """Cached per process: Ray reuses actors, so a simulated client loads its model once."""
+    return _workbench(cfg, fed.num_labels)
+
+
+def federation(cfg: Config) -> Federation:
+    return build_federation(cfg)
+
+
+def client_round(
+    cfg: Config,
+    partition_id: int,
+    global_state: Tensors,
+    *,
+    key: int,
+    server_round: int,
+    slot: int,
+) -> tuple[bytes, dict[str, float]]:
+    """Train locally from ``global_state`` and return (encoded update, metrics)."""
+    fed = federation(cfg)
+    wb = workbench(cfg, fed)
+    adapters.load_trainable_state(wb.model, global_state)
+    data = fed.client(partition_id)
+    data_key = rng.derive_key(cfg.seed, _CLIENT_DATA, server_round, partition_id)
+    collate = collate_for(cfg.task, wb.tokenizer, cfg.max_length)
+    batches = shuffled_batches(data, collate, cfg.batch_size, data_key)
+    result = train_local(
+        wb.model,
+        batches,
+        steps=cfg.local_steps,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        device=wb.device,
+        dropout_key=data_key,
+    )
+    new_state = adapters.trainable_state(wb.model)
+    delta = {k: new_state[k] - global_state[k] for k in global_state}
+    codec = codecs.get(cfg.codec, **dict(cfg.codec_options))
+    payload = codec.encode(delta, key, round=server_round, slot=slot)
+    metrics = {
+        "train-loss": result.loss,
+        "num-examples": float(result.num_examples),
+        "local-steps": float(result.steps),
+        "payload-bytes": float(len(payload)),
+        "client-examples": float(len(data)),
+    }
+    return payload, metrics
+
+
+def evaluate_state(cfg: Config, state: Tensors, *, on: str = "test", partition_id: int = -1) -> dict[str, float]:
+    """Evaluate the model with adapter ``state`` on the held-out test set (or a client's data)."""
+    fed = federation(cfg)
+    wb = workbench(cfg, fed)
+    adapters.load_trainable_state(wb.model, state)
+    ds = fed.test if on == "test" else fed.client(partition_id)
+    collate = collate_for(cfg.task, wb.tokenizer, cfg.max_length)
+    batches = eval_batches(ds, collate, cfg.eval_batch_size)
+    if cfg.task == "classification":
+        return evaluate_classifier(wb.model, batches, wb.device)
+    return evaluate_lm(wb.model, batches, wb.device)
+
+
+def majority_baseline(fed: Federation) -> float:
+    """Accuracy of always predicting the most common test label (classification only)."""
+    if fed.task != "classification":
+        return math.nan
+    labels = fed.test["label"]
+    return max(labels.count(c) for c in set(labels)) / len(labels)
+
+
+def quiet_libraries() -> None:
+    """Silence per-call progress bars and load reports of datasets / transformers (apps only)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

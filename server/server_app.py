@@ -1,0 +1,83 @@
+"""fedtune ServerApp: config -> federation -> strategy -> rounds -> saved adapter."""
+
+from __future__ import annotations
+
+import json
+import sys
+from logging import ERROR, INFO
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune import adapters, codecs, merging, pipeline
+from fedtune.config import ConfigError, parse
+from fedtune.data import DataError
+from fedtune.fl.records import record_to_state, state_to_record
+from fedtune.fl.strategy import FedTuneStrategy, RoundStats
+from fedtune.metrics import MetricsLog, create_run_dir, round_line, summary_table
+from fedtune.models import ModelError
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        cfg = parse(context.run_config)
+        fed = pipeline.federation(cfg)
+        wb = pipeline.workbench(cfg, fed)
+    except (ConfigError, DataError, ModelError) as e:
+        log(ERROR, "fedtune: %s", e)
+        sys.exit(f"fedtune: {e}")
+
+    run_dir = create_run_dir(cfg.output_dir, cfg.run_name)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2))
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    log(INFO, "fedtune: run folder %s; %d clients: %s", run_dir, len(fed.clients), ", ".join(fed.client_names))
+    log(INFO, "fedtune: majority-class baseline on the held-out split: %.4f", pipeline.majority_baseline(fed))
+
+    pending: dict[int, RoundStats] = {}
+    strategy = FedTuneStrategy(
+        codec=codecs.get(cfg.codec, **dict(cfg.codec_options)),
+        merger=merging.get(cfg.merger, **dict(cfg.merger_options)),
+        server_opt=merging.get_server_opt(cfg.server_opt, **dict(cfg.server_opt_options)),
+        spec=wb.initial,
+        run_seed=cfg.seed,
+        min_valid=cfg.min_train_nodes,
+        clip=merging.NormClip(max_norm=cfg.clip_norm) if cfg.clip_norm > 0 else None,
+        on_round=lambda s: pending.__setitem__(s.round, s),
+        fraction_train=cfg.fraction_train,
+        min_train_nodes=cfg.min_train_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+    )
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        res = pipeline.evaluate_state(cfg, record_to_state(arrays))
+        s = pending.pop(server_round, RoundStats(server_round))
+        row = {
+            "round": server_round,
+            "train-loss": s.train_loss,
+            **{f"test-{k}": v for k, v in res.items() if k != "num-examples"},
+            "bytes-up": s.bytes_up,
+            "bytes-down": s.bytes_down,
+            "valid-replies": s.valid,
+            "dropped-replies": len(s.dropped),
+            "skipped": s.skipped,
+        }
+        metrics.append(row)
+        log(INFO, "fedtune: %s", round_line(row))
+        return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, int | float)})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=state_to_record(wb.initial),
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout,
+        evaluate_fn=evaluate,
+    )
+    final = record_to_state(result.arrays) if len(result.arrays) else wb.initial
+    adapters.load_trainable_state(wb.model, final)
+    wb.adapter.export_peft(wb.model, run_dir / "adapter")
+    log(INFO, "fedtune: final adapter (PEFT format) saved to %s", run_dir / "adapter")
+    log(INFO, "\n%s", summary_table(metrics.rows()))

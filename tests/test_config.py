@@ -1,0 +1,78 @@
+"""Run-config parsing: defaults, types, ranges, unknown keys, method options."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedtune.config import Config, ConfigError, defaults_from_pyproject, parse
+
+
+def test_pyproject_defaults_parse_to_dataclass_defaults():
+    cfg = parse(defaults_from_pyproject())
+    assert cfg == Config()
+
+
+def test_every_dataclass_field_has_a_pyproject_default():
+    # flwr run only accepts overrides of keys that exist in [tool.flwr.app.config]
+    flat = Config().to_flat()
+    assert set(flat) <= set(defaults_from_pyproject())
+
+
+def test_unknown_key_names_the_key_and_lists_allowed():
+    with pytest.raises(ConfigError) as e:
+        parse({"local-step": 3})
+    msg = str(e.value)
+    assert "'local-step'" in msg and "local-steps" in msg and "allowed" in msg
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("local-steps", "ten", "must be an integer"),
+        ("lr", -1.0, "learning rate"),
+        ("partitioning", "random", "'natural', 'iid', 'dirichlet'"),
+        ("task", "seq2seq", "'classification', 'causal-lm'"),
+        ("fraction-train", 0.0, "fraction"),
+        ("device", "tpu", "'auto', 'cpu'"),
+        ("num-rounds", 0, "positive"),
+        ("grad-clip", True, "must be a number"),
+    ],
+)
+def test_bad_values_name_key_and_allowed(key, value, needle):
+    with pytest.raises(ConfigError) as e:
+        parse({key: value})
+    assert f"'{key}'" in str(e.value)
+    assert needle in str(e.value)
+
+
+def test_ints_are_accepted_for_floats():
+    assert parse({"lr": 1}).lr == 1.0
+
+
+def test_unknown_method_lists_registered_names():
+    with pytest.raises(ConfigError) as e:
+        parse({"merger": "tie"})
+    assert "'merger'" in str(e.value) and "ties" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse({"codec": "zip"})
+    assert "'codec'" in str(e.value) and "srht" in str(e.value)
+
+
+def test_prefixed_options_are_forwarded_and_validated():
+    cfg = parse({"merger": "ties", "merger-density": 0.2, "merger-lambda": ""})
+    assert dict(cfg.merger_options) == {"density": 0.2}
+    with pytest.raises(ConfigError) as e:
+        parse({"merger": "fedavg", "merger-density": 0.2})
+    assert "density" in str(e.value)
+
+
+def test_consistency_checks():
+    with pytest.raises(ConfigError, match="min-train-nodes"):
+        parse({"min-train-nodes": 5, "min-available-nodes": 2})
+    with pytest.raises(ConfigError, match="client-column"):
+        parse({"dataset": "file", "partitioning": "natural"}, validate_methods=False)
+
+
+def test_flat_round_trip():
+    cfg = parse({"merger": "ties", "merger-density": 0.3, "lr": 0.01})
+    assert parse(cfg.to_flat()) == cfg

