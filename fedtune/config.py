@@ -64,6 +64,12 @@ class Config:
     lora_dropout: float = 0.0
     target_modules: str = "query,value"
     factor_mode: Literal["factors", "ffa", "exact"] = "factors"
+    # MoS (adapter='mos'; alpha and dropout are lora-alpha / lora-dropout)
+    mos_r: int = 6
+    mos_e: int = 2
+    mos_p: int = 1
+    mos_l: int = 4
+    mos_disable: str = ""  # comma list of: subset, pair, vector, private (ablations)
     # local training
     local_steps: int = 20
     batch_size: int = 16
@@ -118,6 +124,10 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "lora_r": (1, 4096, "a positive integer"),
     "lora_alpha": (1e-9, None, "a positive number"),
     "lora_dropout": (0.0, 0.99, "a probability in [0, 0.99]"),
+    "mos_r": (1, 4096, "a positive integer"),
+    "mos_e": (1, 4096, "a positive integer"),
+    "mos_p": (0, 4096, "a non-negative integer"),
+    "mos_l": (1, 4096, "a positive integer"),
     "local_steps": (0, None, "a non-negative integer"),
     "batch_size": (1, 65536, "a positive integer"),
     "lr": (0.0, 10.0, "a learning rate in [0, 10]"),
@@ -129,6 +139,14 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "round_timeout": (1.0, None, "a number of seconds >= 1"),
     "eval_batch_size": (1, 65536, "a positive integer"),
     "clip_norm": (0.0, None, "0 (off) or a positive norm"),
+}
+
+
+_MOS_SWITCHES = {
+    "subset": "subset_selection",
+    "pair": "pair_dissociation",
+    "vector": "vector_sharding",
+    "private": "shard_privatization",
 }
 
 
@@ -223,6 +241,11 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"run-config key 'device' is {cfg.device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'"
         )
+    bad = [x for x in cfg.mos_disable.split(",") if x.strip() and x.strip() not in _MOS_SWITCHES]
+    if bad:
+        raise ConfigError(
+            f"run-config key 'mos-disable' has {bad}; allowed: {', '.join(_MOS_SWITCHES)}"
+        )
     if not cfg.targets:
         raise ConfigError("run-config key 'target-modules' is empty; give e.g. 'query,value'")
     if cfg.partitioning == "natural" and cfg.dataset == "file" and not cfg.client_column:
@@ -242,7 +265,10 @@ def validate_method_names(cfg: Config) -> None:
         raise ConfigError(
             f"run-config key 'adapter' is {cfg.adapter!r}; allowed: {', '.join(adapters.names())}"
         )
+    from fedtune.pipeline import build_adapter
+
     checks: list[tuple[str, Any]] = [
+        ("adapter", lambda: build_adapter(cfg)),
         ("codec", lambda: codecs.get(cfg.codec, **dict(cfg.codec_options))),
         ("merger", lambda: merging.get(cfg.merger, **dict(cfg.merger_options))),
         ("server-opt", lambda: merging.get_server_opt(cfg.server_opt, **dict(cfg.server_opt_options))),

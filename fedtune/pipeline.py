@@ -44,7 +44,24 @@ def build_adapter(cfg: Config) -> Any:
             task=cfg.task,
             ffa=cfg.factor_mode == "ffa",
         )
-    return adapters.get(cfg.adapter)
+    if cfg.adapter == "mos":
+        from fedtune.config import _MOS_SWITCHES
+
+        off = {_MOS_SWITCHES[x.strip()] for x in cfg.mos_disable.split(",") if x.strip()}
+        return adapters.get(
+            "mos",
+            r=cfg.mos_r,
+            e=cfg.mos_e,
+            p=cfg.mos_p,
+            l=cfg.mos_l,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=cfg.targets,
+            modules_to_save=["classifier"] if cfg.task == "classification" else None,
+            ffa=cfg.factor_mode == "ffa",
+            **{name: False for name in off},
+        )
+    raise ValueError(f"unknown adapter {cfg.adapter!r}; allowed: {', '.join(adapters.names())}")
 
 
 @dataclass

@@ -33,6 +33,7 @@ the polynomial into FMAs, so never compile this module.)
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 import torch
@@ -257,39 +258,28 @@ _PI_4 = 0.7853981633974483
 _TWO_M29 = 2.0**-29
 
 
-def _log_mantissa(m: torch.Tensor) -> torch.Tensor:
-    """log(m) for m in [sqrt(1/2), sqrt(2)): 2 atanh(s), s=(m-1)/(m+1), |s|<0.172, to ~1e-17."""
-    s = (m - 1.0) / (m + 1.0)
-    s2 = s * s
-    acc = torch.full_like(s, 1.0 / 19.0)
-    for k in range(8, -1, -1):  # Horner over 1/(2k+1), k = 8..0 (error < 1e-15)
-        acc = acc * s2 + 1.0 / (2 * k + 1)
-    return 2.0 * s * acc
+class _NumpyOps:
+    """Array ops for the CPU path (numpy: no per-op dispatch overhead on small arrays)."""
+
+    where = staticmethod(np.where)
+    frexp = staticmethod(np.frexp)
+    sqrt = staticmethod(np.sqrt)
+
+    @staticmethod
+    def f64(a: Any) -> Any:
+        return a.astype(np.float64)
 
 
-def _neg2log_u(w: torch.Tensor) -> torch.Tensor:
-    """-2 log(u) for u = (w + 0.5) 2**-32 in (0, 1); exact frexp, then a polynomial."""
-    v = (2 * w + 1).to(torch.float64)  # odd, < 2**33: exact in float64; u = v * 2**-33
-    mant, exp = torch.frexp(v)  # v = mant * 2**exp, mant in [0.5, 1)
-    small = mant < _SQRT_HALF
-    mant = torch.where(small, mant * 2.0, mant)  # exact scaling by 2
-    exp = exp.to(torch.float64) - small.to(torch.float64)
-    logu = (exp - 33.0) * _LN2 + _log_mantissa(mant)
-    return -2.0 * logu
+class _TorchOps:
+    """Array ops for the torch path (CUDA and other devices)."""
 
+    where = staticmethod(torch.where)
+    frexp = staticmethod(torch.frexp)
+    sqrt = staticmethod(torch.sqrt)
 
-def _sincos(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Taylor sin/cos for phi in [0, pi/4] (error < 1e-15)."""
-    p2 = phi * phi
-    # sin = phi * sum (-1)^k phi^(2k)/(2k+1)!, cos = sum (-1)^k phi^(2k)/(2k)!, k = 0..8
-    fs = [(-1) ** k / _fact(2 * k + 1) for k in range(9)]
-    fc = [(-1) ** k / _fact(2 * k) for k in range(9)]
-    s = torch.full_like(phi, fs[8])
-    c = torch.full_like(phi, fc[8])
-    for k in range(7, -1, -1):
-        s = s * p2 + fs[k]
-        c = c * p2 + fc[k]
-    return s * phi, c
+    @staticmethod
+    def f64(a: Any) -> Any:
+        return a.to(torch.float64)
 
 
 def _fact(n: int) -> float:
@@ -299,22 +289,66 @@ def _fact(n: int) -> float:
     return float(out)
 
 
-def _cos_sin_2pi_u(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# sin = phi * sum (-1)^k phi^(2k)/(2k+1)!, cos = sum (-1)^k phi^(2k)/(2k)!, k = 0..8
+_SIN_C = [(-1) ** k / _fact(2 * k + 1) for k in range(9)]
+_COS_C = [(-1) ** k / _fact(2 * k) for k in range(9)]
+
+
+def _log_mantissa(m: Any) -> Any:
+    """log(m) for m in [sqrt(1/2), sqrt(2)): 2 atanh(s), s=(m-1)/(m+1), |s|<0.172."""
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    acc = s2 * (1.0 / 19.0) + 1.0 / 17.0
+    for k in range(7, -1, -1):  # Horner over 1/(2k+1), k = 9..0 (error < 1e-15)
+        acc = acc * s2 + 1.0 / (2 * k + 1)
+    return 2.0 * s * acc
+
+
+def _neg2log_u(w: Any, ops: Any) -> Any:
+    """-2 log(u) for u = (w + 0.5) 2**-32 in (0, 1); exact frexp, then a polynomial."""
+    v = ops.f64(2 * w + 1)  # odd, < 2**33: exact in float64; u = v * 2**-33
+    mant, exp = ops.frexp(v)  # v = mant * 2**exp, mant in [0.5, 1)
+    small = mant < _SQRT_HALF
+    mant = ops.where(small, mant * 2.0, mant)  # exact scaling by 2
+    exp = ops.f64(exp) - ops.f64(small)
+    logu = (exp - 33.0) * _LN2 + _log_mantissa(mant)
+    return -2.0 * logu
+
+
+def _sincos(phi: Any) -> tuple[Any, Any]:
+    """Taylor sin/cos for phi in [0, pi/4] (error < 1e-15)."""
+    p2 = phi * phi
+    s = p2 * _SIN_C[8] + _SIN_C[7]
+    c = p2 * _COS_C[8] + _COS_C[7]
+    for k in range(6, -1, -1):
+        s = s * p2 + _SIN_C[k]
+        c = c * p2 + _COS_C[k]
+    return s * phi, c
+
+
+def _cos_sin_2pi_u(w: Any, ops: Any) -> tuple[Any, Any]:
     """cos and sin of 2*pi*u, u = (w + 0.5) 2**-32, with octant reduction done on the bits."""
     octant = w >> 29
     low = w & ((1 << 29) - 1)
     odd = (octant & 1) == 1
     # even octant: angle within octant phi = f*pi/4; odd: use the complement so the
     # polynomial argument stays in [0, pi/4] and is computed exactly from integers.
-    f_int = torch.where(odd, ((1 << 29) - 1) - low, low)
-    phi = (f_int.to(torch.float64) + 0.5) * (_TWO_M29 * _PI_4)
+    f_int = ops.where(odd, ((1 << 29) - 1) - low, low)
+    phi = (ops.f64(f_int) + 0.5) * (_TWO_M29 * _PI_4)
     sp, cp = _sincos(phi)
-    c = torch.where(odd, sp, cp)  # cos of the angle within the quadrant
-    s = torch.where(odd, cp, sp)
+    c = ops.where(odd, sp, cp)  # cos of the angle within the quadrant
+    s = ops.where(odd, cp, sp)
     q = octant >> 1
-    cos = torch.where(q == 0, c, torch.where(q == 1, -s, torch.where(q == 2, -c, s)))
-    sin = torch.where(q == 0, s, torch.where(q == 1, c, torch.where(q == 2, -s, -c)))
+    cos = ops.where(q == 0, c, ops.where(q == 1, -s, ops.where(q == 2, -c, s)))
+    sin = ops.where(q == 0, s, ops.where(q == 1, c, ops.where(q == 2, -s, -c)))
     return cos, sin
+
+
+def _box_muller(w: Any, ops: Any) -> tuple[Any, Any]:
+    """(r cos t, r sin t) in float64 for word pairs: radius from w[:, 0::2], angle from w[:, 1::2]."""
+    r = ops.sqrt(_neg2log_u(w[:, 0::2], ops))
+    cos, sin = _cos_sin_2pi_u(w[:, 1::2], ops)
+    return r * cos, r * sin
 
 
 def normal(
@@ -329,15 +363,22 @@ def normal(
     _check(key, stream, n, offset)
     dev = _dev(device)
     first, last = offset >> 2, (offset + n + 3) >> 2
-    z = torch.empty((last - first, 4), dtype=torch.float32, device=dev)
-    for s in range(0, last - first, _CHUNK):  # chunks keep the float64 temporaries in cache
-        c = min(_CHUNK, last - first - s)
-        w = _blocks(key, stream, _TAG_NORMAL, first + s, c, dev)
-        r = torch.sqrt(_neg2log_u(w[:, 0::2]))  # radii for the pairs (w0, w1), (w2, w3)
-        cos, sin = _cos_sin_2pi_u(w[:, 1::2])
-        z[s : s + c, 0::2] = r * cos
-        z[s : s + c, 1::2] = r * sin
+    count = last - first
     start = offset & 3
+    if dev is None or dev.type == "cpu":
+        zn = np.empty((count, 4), dtype=np.float32)
+        for s in range(0, count, _CHUNK):  # chunks keep the float64 temporaries in cache
+            c = min(_CHUNK, count - s)
+            a, b = _box_muller(_blocks_numpy(key, stream, _TAG_NORMAL, first + s, c), _NumpyOps)
+            zn[s : s + c, 0::2] = a  # float64 -> float32: round to nearest even
+            zn[s : s + c, 1::2] = b
+        return torch.from_numpy(zn.reshape(-1)[start : start + n])
+    z = torch.empty((count, 4), dtype=torch.float32, device=dev)
+    for s in range(0, count, _CHUNK):
+        c = min(_CHUNK, count - s)
+        a, b = _box_muller(_blocks(key, stream, _TAG_NORMAL, first + s, c, dev), _TorchOps)
+        z[s : s + c, 0::2] = a
+        z[s : s + c, 1::2] = b
     return z.reshape(-1)[start : start + n]
 
 

@@ -6,6 +6,7 @@ import itertools
 import math
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -283,3 +284,12 @@ def test_torch_and_numpy_paths_agree() -> None:
         key,
     )
     assert torch.equal(via_numpy, torch.stack(words, 1))
+
+
+def test_normal_torch_and_numpy_float_paths_agree() -> None:
+    """The float64 Box–Muller in torch (non-CPU devices) equals the numpy CPU path bit for bit."""
+    key = rng.derive_key(7)
+    w_np = rng._blocks_numpy(key, 4, 2, 1000, 5000)
+    a, b = rng._box_muller(w_np, rng._NumpyOps)
+    ta, tb = rng._box_muller(torch.from_numpy(w_np.view(np.int64)), rng._TorchOps)
+    assert np.array_equal(a, ta.numpy()) and np.array_equal(b, tb.numpy())

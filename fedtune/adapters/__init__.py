@@ -4,7 +4,7 @@ Adding one: a file in this package with ``@REGISTRY.register("name")`` and one i
 below (see docs/extending.md).
 """
 
-from fedtune.adapters import lora  # noqa: F401  (registers "lora")
+from fedtune.adapters import lora, mos  # noqa: F401  (register "lora", "mos")
 from fedtune.adapters.base import (
     REGISTRY,
     Adapter,
@@ -12,11 +12,6 @@ from fedtune.adapters.base import (
     load_trainable_state,
     trainable_state,
 )
-
-try:  # MoS lands in its own change; keep the package importable without it
-    from fedtune.adapters import mos  # noqa: F401  (registers "mos")
-except ImportError:  # pragma: no cover
-    pass
 
 get = REGISTRY.get
 names = REGISTRY.names

@@ -56,7 +56,7 @@ class LoRA:
         cfg = LoraConfig(
             task_type=TaskType.SEQ_CLS if self.task == "classification" else TaskType.CAUSAL_LM,
             r=self.r,
-            lora_alpha=self.alpha,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
             lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
         )

@@ -27,7 +27,7 @@ Shards ``[0, (e-p)Ll)`` are public; layer ``i`` owns the private block
 (length ``r*l``), drawn once from the adapter key through :mod:`fedtune.rng` and frozen
 (the paper's "router" is this fixed random assignment, not a learned one).
 
-**Assembly and forward** (paper Eq. 2-4; ``LoraLinear4bit_Tied_LoRA_forward``): row ``j``
+**Assembly and forward** (paper Sec. 3; reference ``LoraLinear4bit_Tied_LoRA_forward``): row ``j``
 of ``A_i`` concatenates shards ``I^A[jl], ..., I^A[jl+l-1]``, column ``j`` of ``B_i``
 likewise from ``P_B``, and
 
@@ -431,7 +431,7 @@ class MoSLinear(nn.Module):
         return self.base_layer.bias
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's ``A`` (r, d_in) and ``B`` (d_out, r), gathered from the pool (Eq. 3)."""
+        """This layer's ``A`` (r, d_in) and ``B`` (d_out, r), gathered from the pool."""
         a = self.pool.A[self.mos_index_A].reshape(self.rank, self.in_features)
         b = self.pool.B[self.mos_index_B].reshape(self.rank, self.out_features).t()
         return a, b

@@ -21,7 +21,9 @@ from fedtune.codecs.projection import ProjectionCodec
 from fedtune.codecs.registry import register
 
 
-def _hash(key: int, block: int, d: int, k: int, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _hash(
+    key: int, block: int, d: int, k: int, device: torch.device | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     w = rng.bits32(key, block, d, device=device)
     sign = (1 - 2 * (w & 1)).to(torch.float32)
     bucket = ((w >> 1) * k) >> 31

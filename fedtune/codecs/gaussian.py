@@ -47,7 +47,9 @@ class GaussianCodec(ProjectionCodec):
 
     def project(self, x: torch.Tensor, k: int, key: int, block: int) -> torch.Tensor:
         y = torch.empty(k, dtype=torch.float32, device=x.device)
-        for k0, k1, v in _rows(self._generator, key, block, x.numel(), k, self._ROWS_BUDGET, x.device):
+        for k0, k1, v in _rows(
+            self._generator, key, block, x.numel(), k, self._ROWS_BUDGET, x.device
+        ):
             y[k0:k1] = v @ x
         return y
 

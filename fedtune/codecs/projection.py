@@ -75,7 +75,7 @@ def allocate(sizes: list[int], norms: list[float], total: int, min_k: int) -> li
                 budget -= min_k
             free = [i for i in free if i not in set(low)]
             continue
-        floors = {i: int(math.floor(share[i])) for i in free}
+        floors = {i: math.floor(share[i]) for i in free}
         for i in free:
             ks[i] = floors[i]
         left = max(0, round(budget) - sum(floors.values()))
@@ -220,8 +220,13 @@ class ProjectionCodec(Codec):
         blocks = make_blocks(like, self.max_block)
         h, body = wire.unpack(payload, self.max_payload_bytes(like))
         wire.check_header(
-            h, codec=self.name, layout=spec_hash(like), n_blocks=len(blocks), key=key,
-            round=round, slot=slot,
+            h,
+            codec=self.name,
+            layout=spec_hash(like),
+            n_blocks=len(blocks),
+            key=key,
+            round=round,
+            slot=slot,
         )
         if h.coef == wire.COEF_FP32 and h.flags & wire.FLAG_SCALES:
             raise PayloadError("fp32 coefficients must not carry a scale table")

@@ -104,7 +104,16 @@ def pack(h: Header, body: bytes) -> bytes:
         raise ValueError("payload too large for the wire format")
     parts = [
         _FIXED.pack(
-            MAGIC, VERSION, h.codec_id, h.coef, h.flags, h.round, h.slot, h.key, h.layout, n,
+            MAGIC,
+            VERSION,
+            h.codec_id,
+            h.coef,
+            h.flags,
+            h.round,
+            h.slot,
+            h.key,
+            h.layout,
+            n,
             len(body),
         ),
         np.asarray(h.ks, dtype="<u4").tobytes(),

@@ -1,0 +1,167 @@
+"""Mock-reply tests of the strategy: hand-computed aggregation, key issuance, rejection."""
+
+from __future__ import annotations
+
+from unittest.mock import Mock
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedtune import codecs, merging
+from fedtune.fl.records import key_from_config, payload_to_record, record_to_state, state_to_record
+from fedtune.fl.strategy import FedTuneStrategy
+
+NODES = [303, 101, 202]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower stamps new Messages with the run's identity; outside a run we set a fake one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+
+
+def _grid(nodes=NODES):
+    g = Mock()
+    g.get_node_ids.return_value = list(nodes)
+    return g
+
+
+def _strategy(codec="dense", merger="fedavg", server_opt="none", **kw):
+    spec = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    return FedTuneStrategy(
+        codec=codecs.get(codec),
+        merger=merging.get(merger),
+        server_opt=merging.get_server_opt(server_opt),
+        spec=spec,
+        run_seed=42,
+        min_valid=kw.pop("min_valid", 1),
+        fraction_train=1.0,
+        min_train_nodes=2,
+        min_available_nodes=2,
+        **kw,
+    ), spec
+
+
+def _reply(node, payload: bytes | None = None, n=10, loss=0.5, error=False, extra_metrics=None):
+    m = Mock()
+    m.metadata.src_node_id = node
+    m.has_error.return_value = error
+    if error:
+        m.error.reason = "boom"
+    metrics = {"num-examples": n, "train-loss": loss} if n is not None else {"train-loss": loss}
+    metrics.update(extra_metrics or {})
+    content = {"metrics": MetricRecord(metrics)}
+    if payload is not None:
+        content["arrays"] = payload_to_record(payload)
+    m.content = RecordDict(content)
+    return m
+
+
+def _configure(strategy, spec, rnd=1):
+    msgs = list(strategy.configure_train(rnd, state_to_record(spec), ConfigRecord({}), _grid()))
+    return {m.metadata.dst_node_id: m for m in msgs}
+
+
+def _delta(val):
+    return {"a": torch.full((2, 3), float(val)), "b": torch.arange(4, dtype=torch.float32) * val}
+
+
+def test_keys_are_per_client_deterministic_and_issued_in_config():
+    s, spec = _strategy()
+    msgs = _configure(s, spec)
+    assert sorted(msgs) == sorted(NODES)
+    slots = {n: int(m.content["config"]["slot"]) for n, m in msgs.items()}
+    assert slots == {101: 0, 202: 1, 303: 2}  # slot = rank of node id
+    keys = {n: key_from_config(m.content["config"]) for n, m in msgs.items()}
+    assert len(set(keys.values())) == 3
+    assert all(keys[n] == s.client_key(1, slots[n]) for n in NODES)
+    s2, _ = _strategy()
+    assert {n: key_from_config(m.content["config"]) for n, m in _configure(s2, spec).items()} == keys
+    assert key_from_config(_configure(s2, spec, rnd=2)[101].content["config"]) != keys[101]
+
+
+def test_fedavg_aggregation_hand_computed():
+    s, spec = _strategy()
+    _configure(s, spec)
+    codec = codecs.get("dense")
+    replies = [
+        _reply(n, codec.encode(_delta(v), s.issued[n][1], round=1, slot=s.issued[n][0]), n=w, loss=lo)
+        for n, v, w, lo in [(101, 1.0, 10, 1.0), (202, 4.0, 30, 0.2), (303, -2.0, 60, 0.4)]
+    ]
+    arrays, metrics = s.aggregate_train(1, replies)
+    # weighted mean of (1, 4, -2) with weights (10, 30, 60) = (10 + 120 - 120) / 100 = 0.1
+    got = record_to_state(arrays)
+    np.testing.assert_allclose(got["a"].numpy(), np.full((2, 3), 0.1), rtol=1e-6)
+    np.testing.assert_allclose(got["b"].numpy(), np.arange(4) * 0.1, rtol=1e-6, atol=1e-7)
+    assert metrics["valid-replies"] == 3 and metrics["num-examples"] == 100
+    assert metrics["train-loss"] == pytest.approx((10 * 1.0 + 30 * 0.2 + 60 * 0.4) / 100)
+    assert metrics["bytes-up"] > 0 and metrics["bytes-down"] > 0
+
+
+def test_invalid_replies_are_dropped_with_reasons_and_the_rest_merged():
+    s, spec = _strategy()
+    _configure(s, spec)
+    codec = codecs.get("dense")
+    good = codec.encode(_delta(2.0), s.issued[101][1], round=1, slot=s.issued[101][0])
+    wrong_key = codec.encode(_delta(9.0), s.issued[101][1], round=1, slot=s.issued[202][0])
+    replies = [
+        _reply(101, good, n=5),
+        _reply(202, wrong_key, n=5),  # another client's key
+        _reply(303, None, error=True),  # client raised
+        _reply(999, good, n=5),  # not sampled this round
+    ]
+    arrays, metrics = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(record_to_state(arrays)["a"].numpy(), 2.0)
+    stats = s.history[-1]
+    assert stats.valid == 1 and set(stats.dropped) == {"202", "303", "999"}
+    assert "boom" in stats.dropped["303"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s, good: _reply(101, good, n=None),  # missing num-examples
+        lambda s, good: _reply(101, good, n=-3),  # negative num-examples
+        lambda s, good: _reply(101, good[:-5], n=3),  # truncated payload
+        lambda s, good: _reply(101, bytes([good[0] ^ 0xFF]) + good[1:], n=3),  # corrupt
+        lambda s, good: _reply(101, None, n=3),  # no arrays at all
+    ],
+)
+def test_bad_replies_leave_the_global_model_unchanged(make):
+    s, spec = _strategy(min_valid=1)
+    _configure(s, spec)
+    good = codecs.get("dense").encode(_delta(2.0), s.issued[101][1], round=1, slot=0)
+    arrays, _ = s.aggregate_train(1, [make(s, good)])
+    assert arrays is None  # too few valid replies -> FedAvg.start keeps the previous arrays
+    assert s.history[-1].skipped and "101" in s.history[-1].dropped
+
+
+def test_norm_bound_rejects_absurd_updates():
+    s, spec = _strategy(max_update_norm=10.0)
+    _configure(s, spec)
+    c = codecs.get("dense")
+    big = c.encode(_delta(1e6), s.issued[101][1], round=1, slot=0)
+    ok = c.encode(_delta(0.5), s.issued[202][1], round=1, slot=1)
+    arrays, _ = s.aggregate_train(1, [_reply(101, big), _reply(202, ok)])
+    assert "exceeds the bound" in s.history[-1].dropped["101"]
+    np.testing.assert_allclose(record_to_state(arrays)["a"].numpy(), 0.5)
+
+
+def test_round_mismatch_is_rejected():
+    s, spec = _strategy()
+    _configure(s, spec, rnd=3)
+    stale = codecs.get("dense").encode(_delta(1.0), s.issued[101][1], round=2, slot=0)
+    arrays, _ = s.aggregate_train(3, [_reply(101, stale)])
+    assert arrays is None and "round" in s.history[-1].dropped["101"].lower()
+
+
+def test_arrayrecord_roundtrip_keeps_names():
+    st = {"x.weight": torch.randn(3, 2, generator=torch.Generator().manual_seed(0))}
+    rec = state_to_record(st)
+    assert isinstance(rec, ArrayRecord) and list(rec.keys()) == ["x.weight"]
+    assert torch.equal(record_to_state(rec)["x.weight"], st["x.weight"])
