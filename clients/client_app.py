@@ -36,6 +36,15 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds: its keys are issued per partition."""
+    return Message(
+        content=RecordDict({"identity": MetricRecord({"partition-id": _partition_id(context)})}),
+        reply_to=msg,
+    )
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter on this client's own data."""

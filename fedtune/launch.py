@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     if not out_dir.is_absolute():
         out_dir = Path.cwd() / out_dir
     overrides.update({"output-dir": str(out_dir), "run-name": run_name})
+    if cfg.resume:
+        overrides["resume"] = str(Path(cfg.resume).resolve())
     if "min-available-nodes" not in overrides:
         overrides["min-available-nodes"] = min(n_nodes, cfg.min_available_nodes) if n_nodes else 1
         overrides.setdefault("min-train-nodes", min(cfg.min_train_nodes, overrides["min-available-nodes"]))
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.run(cmd, env=env, check=False)
     finally:
         stop_superlink(flwr_home)
-    run_dir = out_dir / run_name
+    run_dir = Path(cfg.resume) if cfg.resume else out_dir / run_name
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists() or not (run_dir / "adapter").exists():
         print(f"fedtune: error: the run did not complete (flwr exit code {proc.returncode}); see the log above", file=sys.stderr)

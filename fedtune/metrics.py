@@ -33,6 +33,13 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(clean, sort_keys=False) + "\n")
 
+    def truncate_after(self, last_round: int) -> None:
+        """Drop rows of rounds after ``last_round`` (a resumed run redoes them)."""
+        keep = [r for r in self.rows() if r.get("round", 0) <= last_round]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(self.path)
+
     def rows(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []

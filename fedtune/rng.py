@@ -24,10 +24,11 @@ shifts). Both paths are pure integer arithmetic, so the outputs are bit-identica
 Normals use Box–Muller computed in float64 with only ``+ - * /``, ``sqrt`` and exact bit
 manipulation (``frexp``): ``log``, ``cos`` and ``sin`` are our own polynomials, because
 libm implementations differ in the last ulp between CPU (vectorised vs scalar paths) and
-CUDA. IEEE 754 requires ``+ - * / sqrt`` to be correctly rounded and torch's eager kernels
-do not contract them into FMAs, so the float64 values and the float32 results are the same
-on every IEEE device. (Guarantee: bit-identical in eager mode; ``torch.compile`` could fuse
-the polynomial into FMAs, so never compile this module.)
+CUDA. IEEE 754 requires ``+ - * / sqrt`` to be correctly rounded; numpy (the CPU path) and
+CUDA's float64 ``sqrt`` are, torch's vectorised CPU float64 ``sqrt`` is not (so the CPU path
+never uses it), and each torch op is its own kernel, so nothing is contracted into an FMA.
+Hence normals are bit-identical on CPU and CUDA (other devices get the CPU result moved to
+them). Never ``torch.compile`` this module: fusion could contract the polynomials into FMAs.
 """
 
 from __future__ import annotations
@@ -365,14 +366,18 @@ def normal(
     first, last = offset >> 2, (offset + n + 3) >> 2
     count = last - first
     start = offset & 3
-    if dev is None or dev.type == "cpu":
+    if dev is None or dev.type != "cuda":
+        # CPU path (numpy). Other non-CUDA devices get the CPU result moved over: torch's
+        # vectorised CPU float64 sqrt is not correctly rounded (~0.6% of values are 1 ulp
+        # off, measured), numpy's and CUDA's are, and e.g. MPS has no float64 at all.
         zn = np.empty((count, 4), dtype=np.float32)
         for s in range(0, count, _CHUNK):  # chunks keep the float64 temporaries in cache
             c = min(_CHUNK, count - s)
             a, b = _box_muller(_blocks_numpy(key, stream, _TAG_NORMAL, first + s, c), _NumpyOps)
             zn[s : s + c, 0::2] = a  # float64 -> float32: round to nearest even
             zn[s : s + c, 1::2] = b
-        return torch.from_numpy(zn.reshape(-1)[start : start + n])
+        out = torch.from_numpy(zn.reshape(-1)[start : start + n])
+        return out if dev is None or dev.type == "cpu" else out.to(dev)
     z = torch.empty((count, 4), dtype=torch.float32, device=dev)
     for s in range(0, count, _CHUNK):
         c = min(_CHUNK, count - s)

@@ -1,17 +1,18 @@
-"""fedtune ServerApp: config -> federation -> strategy -> rounds -> saved adapter."""
+"""fedtune ServerApp: config -> federation -> strategy -> rounds (checkpointed) -> saved adapter."""
 
 from __future__ import annotations
 
 import json
 import sys
 from logging import ERROR, INFO
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune import adapters, codecs, merging, pipeline
-from fedtune.config import ConfigError, parse
+from fedtune import adapters, checkpoint, codecs, merging, pipeline
+from fedtune.config import Config, ConfigError, parse
 from fedtune.data import DataError
 from fedtune.fl.records import record_to_state, state_to_record
 from fedtune.fl.strategy import FedTuneStrategy, RoundStats
@@ -21,36 +22,58 @@ from fedtune.models import ModelError
 app = ServerApp()
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    try:
-        cfg = parse(context.run_config)
-        fed = pipeline.federation(cfg)
-        wb = pipeline.workbench(cfg, fed)
-    except (ConfigError, DataError, ModelError) as e:
-        log(ERROR, "fedtune: %s", e)
-        sys.exit(f"fedtune: {e}")
+def _fail(e: Exception) -> None:
+    log(ERROR, "fedtune: %s", e)
+    sys.exit(f"fedtune: {e}")
 
-    run_dir = create_run_dir(cfg.output_dir, cfg.run_name)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2))
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    log(INFO, "fedtune: run folder %s; %d clients: %s", run_dir, len(fed.clients), ", ".join(fed.client_names))
-    log(INFO, "fedtune: majority-class baseline on the held-out split: %.4f", pipeline.majority_baseline(fed))
 
-    pending: dict[int, RoundStats] = {}
-    strategy = FedTuneStrategy(
+def _strategy(cfg: Config, spec: dict, on_round) -> FedTuneStrategy:  # type: ignore[type-arg]
+    return FedTuneStrategy(
         codec=codecs.get(cfg.codec, **dict(cfg.codec_options)),
         merger=merging.get(cfg.merger, **dict(cfg.merger_options)),
         server_opt=merging.get_server_opt(cfg.server_opt, **dict(cfg.server_opt_options)),
-        spec=wb.initial,
+        spec=spec,
         run_seed=cfg.seed,
         min_valid=cfg.min_train_nodes,
         clip=merging.NormClip(max_norm=cfg.clip_norm) if cfg.clip_norm > 0 else None,
-        on_round=lambda s: pending.__setitem__(s.round, s),
+        on_round=on_round,
+        node_wait=cfg.round_timeout,
         fraction_train=cfg.fraction_train,
         min_train_nodes=cfg.min_train_nodes,
         min_available_nodes=cfg.min_available_nodes,
     )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    pipeline.quiet_libraries()
+    try:
+        cfg = parse(context.run_config)
+        fed = pipeline.federation(cfg)
+        wb = pipeline.workbench(cfg, fed)
+        ck = None
+        if cfg.resume:
+            run_dir = Path(cfg.resume)
+            ck = checkpoint.load(run_dir)
+            checkpoint.check_compatible(ck.config, cfg.to_flat())
+        else:
+            run_dir = create_run_dir(cfg.output_dir, cfg.run_name)
+    except (ConfigError, DataError, ModelError, checkpoint.CheckpointError) as e:
+        _fail(e)
+        return
+
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2))
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    pending: dict[int, RoundStats] = {}
+    strategy = _strategy(cfg, wb.initial, lambda s: pending.__setitem__(s.round, s))
+    state, first_round = wb.initial, 1
+    if ck is not None:
+        state, first_round = ck.adapter, ck.round + 1
+        strategy.server_opt.load_state_dict(ck.server_opt)
+        metrics.truncate_after(ck.round)  # rows evaluated after the checkpoint are redone
+        log(INFO, "fedtune: resuming %s after round %d", run_dir, ck.round)
+    log(INFO, "fedtune: run folder %s; %d clients: %s", run_dir, len(fed.clients), ", ".join(fed.client_names))
+    log(INFO, "fedtune: majority-class baseline on the held-out split: %.4f", pipeline.majority_baseline(fed))
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         res = pipeline.evaluate_state(cfg, record_to_state(arrays))
@@ -69,15 +92,29 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "fedtune: %s", round_line(row))
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, int | float)})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=state_to_record(wb.initial),
+    def save(server_round: int, arrays: ArrayRecord) -> None:
+        checkpoint.save(
+            run_dir,
+            checkpoint.Checkpoint(
+                round=server_round,
+                seed=cfg.seed,
+                config=cfg.to_flat(),
+                adapter=record_to_state(arrays),
+                server_opt=strategy.server_opt.state_dict(),
+                extra={},
+            ),
+        )
+
+    final = strategy.run(
+        grid,
+        state_to_record(state),
+        first_round=first_round,
         num_rounds=cfg.num_rounds,
         timeout=cfg.round_timeout,
         evaluate_fn=evaluate,
+        after_round=save,
     )
-    final = record_to_state(result.arrays) if len(result.arrays) else wb.initial
-    adapters.load_trainable_state(wb.model, final)
+    adapters.load_trainable_state(wb.model, record_to_state(final))
     wb.adapter.export_peft(wb.model, run_dir / "adapter")
     log(INFO, "fedtune: final adapter (PEFT format) saved to %s", run_dir / "adapter")
     log(INFO, "\n%s", summary_table(metrics.rows()))

@@ -25,9 +25,22 @@ def _task_identity():
     yield
 
 
-def _grid(nodes=NODES):
+def _identity_reply(node, pid):
+    m = Mock()
+    m.metadata.src_node_id = node
+    m.has_error.return_value = False
+    m.content = RecordDict({"identity": MetricRecord({"partition-id": pid})})
+    return m
+
+
+def _grid(nodes=NODES, partition=None):
+    """A Grid whose nodes answer the identity query with partition ids (default: rank)."""
+    partition = partition or {n: i for i, n in enumerate(sorted(nodes))}
     g = Mock()
     g.get_node_ids.return_value = list(nodes)
+    g.send_and_receive.side_effect = lambda msgs, timeout: [
+        _identity_reply(m.metadata.dst_node_id, partition[m.metadata.dst_node_id]) for m in msgs
+    ]
     return g
 
 
@@ -83,6 +96,35 @@ def test_keys_are_per_client_deterministic_and_issued_in_config():
     s2, _ = _strategy()
     assert {n: key_from_config(m.content["config"]) for n, m in _configure(s2, spec).items()} == keys
     assert key_from_config(_configure(s2, spec, rnd=2)[101].content["config"]) != keys[101]
+
+
+def test_slots_follow_reported_partition_ids_and_duplicates_fall_back():
+    s, spec = _strategy()
+    g = _grid(partition={101: 7, 202: 3, 303: 3})
+    msgs = list(s.configure_train(1, state_to_record(spec), ConfigRecord({}), g))
+    slots = {m.metadata.dst_node_id: int(m.content["config"]["slot"]) for m in msgs}
+    assert slots[101] == 7
+    assert slots[202] >= 1 << 20 and slots[303] >= 1 << 20 and slots[202] != slots[303]
+    # identities are asked once, not every round
+    list(s.configure_train(2, state_to_record(spec), ConfigRecord({}), g))
+    assert g.send_and_receive.call_count == 1
+
+
+def test_too_few_nodes_gives_an_empty_round_instead_of_hanging():
+    s, spec = _strategy()
+    s.node_wait = 0.1
+    assert list(s.configure_train(1, state_to_record(spec), ConfigRecord({}), _grid(nodes=[5]))) == []
+
+
+def test_fraction_sampling_is_keyed_and_reproducible():
+    nodes = list(range(100, 110))
+    picks = []
+    for _ in range(2):
+        s, spec = _strategy()
+        s.fraction_train = 0.3
+        msgs = list(s.configure_train(4, state_to_record(spec), ConfigRecord({}), _grid(nodes=nodes)))
+        picks.append(sorted(m.metadata.dst_node_id for m in msgs))
+    assert len(picks[0]) == 3 and picks[0] == picks[1]
 
 
 def test_fedavg_aggregation_hand_computed():

@@ -3,9 +3,10 @@
 EF (Seide et al. 2014; Karimireddy et al., "Error feedback fixes SignSGD", ICML'19; Stich et
 al. 2018): send ``C(Δ_t + e_t)`` and keep ``e_{t+1} = Δ_t + e_t − C(Δ_t + e_t)``. Then
 ``Σ_t C(·) = Σ_t Δ_t − e_T``: the accumulated error stays bounded instead of growing with t.
-It needs a *contractive* compressor (``E‖C(x)−x‖² < ‖x‖²``): use a biased codec option
-(``unbiased=False`` on the sketches, which shrinks each block by ``1/(1+ω)``, or
-``coef_bits=1``). With an unbiased sketch of variance ``ω = d/K ≫ 1`` the residual would grow.
+It needs a *contractive* compressor (``E‖C(x)−x‖² < ‖x‖²``): use ``unbiased=False`` on the
+sketches (the decoder shrinks each block by ``1/(1+ω)``; works with every ``coef_bits``) or
+the ``dense`` codec. With an unbiased sketch of variance ``ω = d/K ≫ 1`` (the default) the
+residual grows every round (verified in the tests): do not combine the two.
 
 Usage on the client (state survives rounds in Flower's ``Context.state``)::
 

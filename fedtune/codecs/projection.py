@@ -95,8 +95,9 @@ class ProjectionCodec(Codec):
     coef_bits: 32 (fp32), 16 (fp16, block-relative), 8 (int8, stochastic rounding), 1 (sign).
     min_per_block: least coefficients for a non-zero block (Ferret uses 2).
     max_block: tensors above this many elements are split into equal blocks.
-    unbiased: False makes the decoder shrink block l by ``1/(1+omega_l)`` (biased, lower MSE,
-    contractive: pair it with client-side :class:`~fedtune.codecs.ErrorFeedback`).
+    unbiased: False makes the decoder shrink block l by ``1/(1+omega_l)`` (biased, MSE
+    ``omega/(1+omega)·‖Δ‖² < ‖Δ‖²``, i.e. contractive: required for client-side
+    :class:`~fedtune.codecs.ErrorFeedback`, which diverges with an unbiased ``d/K`` sketch).
     """
 
     k: int | None = None
@@ -137,6 +138,15 @@ class ProjectionCodec(Codec):
     def coef_std(self, d: int, k: int) -> float:
         """RMS of a coefficient divided by ‖x‖ (used to scale 1-bit coefficients)."""
         raise NotImplementedError
+
+    def omega_coef(self, d: int, k: int, coef: int) -> float:
+        """Variance factor including the coefficient quantizer (used by the shrink option).
+
+        1-bit signs scaled by ``√(π/2)σ`` multiply the second moment by ~π/2 (exact for
+        Gaussian bases: ``((π/2)d − 1)/K``); int8/fp16 add < 1e-3 and are ignored.
+        """
+        om = self.omega(d, k)
+        return (math.pi / 2) * (1.0 + om) - 1.0 if coef == wire.COEF_SIGN1 else om
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -253,7 +263,7 @@ class ProjectionCodec(Codec):
             else:
                 xhat = self.reconstruct(y, b.size, h.key, b.index)
                 if h.flags & wire.FLAG_SHRINK:
-                    xhat = xhat * (1.0 / (1.0 + self.omega(b.size, kk)))
+                    xhat = xhat * (1.0 / (1.0 + self.omega_coef(b.size, kk, h.coef)))
             if not bool(torch.isfinite(xhat).all()):
                 raise PayloadError(f"block {b.index} ({b.name}) decodes to non-finite values")
             flat_out[b.name][b.start : b.stop] = xhat

@@ -161,7 +161,9 @@ def load_chitchat(
     A turn is one speaker's consecutive messages joined with a space. Pairs are the first
     ``max_pairs_per_conversation`` consecutive (turn i, turn i+1) pairs of each conversation
     (0 = all). ``max_conversations`` keeps the first N conversations in file order (0 = all).
-    Conversations without a starter prompt get client ``"(none)"``.
+    Conversations without a starter prompt get client ``"(none)"``. About 44% of the
+    conversations are a single unanswered turn and yield no pair (the full set gives 13,828
+    pairs with the default cap of 4).
     """
     if max_pairs_per_conversation < 0 or max_conversations < 0:
         raise ChatDataError("max_pairs_per_conversation and max_conversations must be >= 0")

@@ -15,13 +15,14 @@ The parts are injected, not subclassed (torchtune's composition over inheritance
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -37,6 +38,8 @@ from fedtune.fl.records import (
 
 Tensors = dict[str, torch.Tensor]
 _MERGE_TAG = 0x3E26E  # separates the merger's round key from the clients' keys
+_SAMPLE_TAG = 0x5A3B1E  # and the sampling key
+FALLBACK_SLOT = 1 << 20  # slots of nodes that did not report a partition id
 
 
 @dataclass
@@ -70,9 +73,12 @@ class FedTuneStrategy(FedAvg):
         clip: Any = None,
         max_update_norm: float = 0.0,
         on_round: Callable[[RoundStats], None] | None = None,
+        node_wait: float = 300.0,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(fraction_evaluate=0.0, **fedavg_kwargs)
+        self.node_wait = node_wait
+        self.slots: dict[int, int] = {}  # node id -> slot (its partition id), learned once
         self.codec = codec
         self.merger = merger
         self.server_opt = server_opt
@@ -92,16 +98,82 @@ class FedTuneStrategy(FedAvg):
         """The key the server issues to client ``slot`` in ``server_round``."""
         return rng.derive_key(self.run_seed, server_round, slot)
 
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """Connected node ids, waiting at most ``node_wait`` s for ``min_available_nodes``.
+
+        Flower's own ``sample_nodes`` polls without an upper bound; a run must never hang.
+        """
+        deadline = time.monotonic() + self.node_wait
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.min_available_nodes or time.monotonic() >= deadline:
+                return nodes
+            time.sleep(0.5)
+
+    def identify(self, grid: Grid, node_ids: list[int]) -> None:
+        """Ask nodes not seen before for their partition id (a 'query' message), once.
+
+        Keys are issued per *slot*, and the slot is the node's partition id: it is stable
+        across restarts (node ids are not), which makes a resumed run bit-identical.
+        Nodes that do not answer, or claim an id another node already holds, get a slot
+        from ``FALLBACK_SLOT`` upwards by node-id rank.
+        """
+        unknown = [n for n in node_ids if n not in self.slots]
+        if not unknown:
+            return
+        msgs = [
+            Message(content=RecordDict({}), message_type=MessageType.QUERY, dst_node_id=n)
+            for n in unknown
+        ]
+        claimed: dict[int, int] = {}
+        for reply in grid.send_and_receive(msgs, timeout=self.node_wait):
+            if reply.has_error() or "identity" not in reply.content.metric_records:
+                continue
+            pid = reply.content.metric_records["identity"].get("partition-id")
+            if isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < FALLBACK_SLOT:
+                claimed[reply.metadata.src_node_id] = pid
+        taken = set(self.slots.values())
+        counts: dict[int, int] = {}
+        for pid in claimed.values():
+            counts[pid] = counts.get(pid, 0) + 1
+        fallback = FALLBACK_SLOT + len(self.slots)
+        for n in unknown:
+            pid = claimed.get(n)
+            if pid is not None and counts[pid] == 1 and pid not in taken:
+                self.slots[n] = pid
+            else:
+                self.slots[n] = fallback
+                fallback += 1
+                log(WARNING, "node %s gave no unique partition id; using slot %d", n, self.slots[n])
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = record_to_state(arrays)
-        template = list(super().configure_train(server_round, arrays, config, grid))
-        node_ids = sorted(m.metadata.dst_node_id for m in template)
+        nodes = self.wait_for_nodes(grid)
+        self._stats = RoundStats(server_round)
+        if len(nodes) < self.min_available_nodes:
+            log(
+                WARNING,
+                "round %d: only %d of the %d required nodes are connected after %.0f s",
+                server_round,
+                len(nodes),
+                self.min_available_nodes,
+                self.node_wait,
+            )
+            return []
+        self.identify(grid, nodes)
+        # keyed, reproducible sampling in slot order (Flower's sample_nodes uses random.sample)
+        by_slot = sorted(nodes, key=lambda n: self.slots[n])
+        k = min(len(by_slot), max(int(len(by_slot) * self.fraction_train), self.min_train_nodes))
+        if k < len(by_slot):
+            pick = rng.choice(rng.derive_key(self.run_seed, server_round, _SAMPLE_TAG), 0, len(by_slot), k)
+            by_slot = [by_slot[i] for i in sorted(pick.tolist())]
         self.issued = {}
         messages = []
         down = arrays.count_bytes()
-        for slot, node_id in enumerate(node_ids):
+        for node_id in by_slot:
+            slot = self.slots[node_id]
             key = self.client_key(server_round, slot)
             self.issued[node_id] = (slot, key)
             cfg = ConfigRecord(dict(config))
@@ -111,11 +183,12 @@ class FedTuneStrategy(FedAvg):
             messages.append(
                 Message(
                     content=RecordDict({"arrays": arrays, "config": cfg}),
-                    message_type=template[0].metadata.message_type,
+                    message_type=MessageType.TRAIN,
                     dst_node_id=node_id,
                 )
             )
         self._stats = RoundStats(server_round, sampled=len(messages), bytes_down=down * len(messages))
+        log(INFO, "round %d: sampled %d of %d nodes", server_round, len(messages), len(nodes))
         return messages
 
     # ------------------------------------------------------------------ aggregate
@@ -220,3 +293,37 @@ class FedTuneStrategy(FedAvg):
             self.min_valid,
         )
         super().summary()
+
+    # ------------------------------------------------------------------ the loop
+    def run(
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        *,
+        first_round: int,
+        num_rounds: int,
+        timeout: float,
+        evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
+        after_round: Callable[[int, ArrayRecord], None] | None = None,
+    ) -> ArrayRecord:
+        """Rounds ``first_round..num_rounds``: train, aggregate, evaluate, checkpoint.
+
+        Flower's ``Strategy.start`` always begins at round 1; resuming needs a loop that can
+        begin anywhere, so we run the same steps ourselves (no client-side evaluation: the
+        server evaluates on the held-out split).
+        """
+        if first_round == 1 and evaluate_fn is not None:
+            evaluate_fn(0, arrays)
+        for rnd in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
+            messages = list(self.configure_train(rnd, arrays, ConfigRecord({}), grid))
+            replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
+            new, _ = self.aggregate_train(rnd, replies)
+            if new is not None:
+                arrays = new
+            if evaluate_fn is not None:
+                evaluate_fn(rnd, arrays)
+            if after_round is not None:
+                after_round(rnd, arrays)
+        return arrays
