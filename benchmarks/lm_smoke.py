@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._report import write_section  # noqa: E402
-from fedtune import rng  # noqa: E402
-from fedtune.adapters.lora import LoRA  # noqa: E402
-from fedtune.data.chat import chat_collator, load_chatterbot, tokenize_chat  # noqa: E402
-from fedtune.lm import answer_loss, generate_samples, load_causal_lm  # noqa: E402
+from benchmarks._report import write_section
+from fedtune import rng
+from fedtune.adapters.lora import LoRA
+from fedtune.data.chat import chat_collator, load_chatterbot, tokenize_chat
+from fedtune.lm import answer_loss, generate_samples, load_causal_lm
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -63,9 +63,9 @@ def main() -> None:
     bs = args.batch_size
     eval_batches = [collate([feats[i] for i in held[s : s + bs]]) for s in range(0, len(held), bs)]
 
-    model = LoRA(r=args.rank, alpha=2.0 * args.rank, target_modules=TARGETS, task="causal-lm").attach(
-        model, rng.derive_key(args.seed, 0x12)
-    )
+    model = LoRA(
+        r=args.rank, alpha=2.0 * args.rank, target_modules=TARGETS, task="causal-lm"
+    ).attach(model, rng.derive_key(args.seed, 0x12))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     probe = [data[i]["prompt"] for i in held[:3]]
     before = answer_loss(model, eval_batches)
@@ -85,7 +85,9 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % 5 == 4 or step == args.steps - 1:
-            print(f"step {step + 1:3d}  train answer loss {sum(losses[-5:]) / len(losses[-5:]):.3f}")
+            print(
+                f"step {step + 1:3d}  train answer loss {sum(losses[-5:]) / len(losses[-5:]):.3f}"
+            )
     t_train = time.perf_counter() - t1
 
     after = answer_loss(model, eval_batches)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import pipeline
+from fedtune import codecs, pipeline
 from fedtune.config import parse
-from fedtune.fl.records import key_from_config, payload_to_record, record_to_state
+from fedtune.fl.records import key_from_config, payload_to_record, record_to_state, state_to_record
 
 app = ClientApp()
 
@@ -24,6 +24,11 @@ def _partition_id(context: Context) -> int:
 def train(msg: Message, context: Context) -> Message:
     cfg = parse(context.run_config, validate_methods=False)
     config = msg.content["config"]
+    ef = None
+    if cfg.error_feedback:  # the residual lives in the node's Context.state across rounds
+        ef = codecs.ErrorFeedback()
+        if "error-feedback" in context.state.array_records:
+            ef.load_state_dict(record_to_state(context.state.array_records["error-feedback"]))
     payload, metrics = pipeline.client_round(
         cfg,
         _partition_id(context),
@@ -31,7 +36,10 @@ def train(msg: Message, context: Context) -> Message:
         key=key_from_config(config),
         server_round=int(config["server-round"]),
         slot=int(config["slot"]),
+        error_feedback=ef,
     )
+    if ef is not None:
+        context.state["error-feedback"] = state_to_record(ef.state_dict())
     content = RecordDict({"arrays": payload_to_record(payload), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -77,6 +77,8 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     device: str = "auto"
+    zo_eps: float = 1e-3  # SPSA perturbation scale (codec='spsa')
+    error_feedback: bool = False  # client keeps what the projection lost (projection codecs)
     # server
     fraction_train: float = 1.0
     min_train_nodes: int = 2
@@ -138,6 +140,7 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "min_available_nodes": (1, None, "a positive integer"),
     "round_timeout": (1.0, None, "a number of seconds >= 1"),
     "eval_batch_size": (1, 65536, "a positive integer"),
+    "zo_eps": (1e-9, 1.0, "a perturbation scale in (0, 1]"),
     "clip_norm": (0.0, None, "0 (off) or a positive norm"),
 }
 
@@ -265,11 +268,11 @@ def validate_method_names(cfg: Config) -> None:
         raise ConfigError(
             f"run-config key 'adapter' is {cfg.adapter!r}; allowed: {', '.join(adapters.names())}"
         )
-    from fedtune.pipeline import build_adapter
+    from fedtune.pipeline import build_adapter, build_codec
 
     checks: list[tuple[str, Any]] = [
         ("adapter", lambda: build_adapter(cfg)),
-        ("codec", lambda: codecs.get(cfg.codec, **dict(cfg.codec_options))),
+        ("codec", lambda: build_codec(cfg)),
         ("merger", lambda: merging.get(cfg.merger, **dict(cfg.merger_options))),
         ("server-opt", lambda: merging.get_server_opt(cfg.server_opt, **dict(cfg.server_opt_options))),
     ]

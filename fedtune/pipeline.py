@@ -64,6 +64,14 @@ def build_adapter(cfg: Config) -> Any:
     raise ValueError(f"unknown adapter {cfg.adapter!r}; allowed: {', '.join(adapters.names())}")
 
 
+def build_codec(cfg: Config) -> Any:
+    """The configured codec; ``spsa`` takes the client's learning rate unless ``codec-lr`` is set."""
+    opts = dict(cfg.codec_options)
+    if cfg.codec == "spsa":
+        opts.setdefault("lr", cfg.lr)
+    return codecs.get(cfg.codec, **opts)
+
+
 @dataclass
 class Workbench:
     """A base model with the adapter attached, its tokenizer, and the adapter method."""
@@ -102,8 +110,15 @@ def client_round(
     key: int,
     server_round: int,
     slot: int,
+    error_feedback: codecs.ErrorFeedback | None = None,
 ) -> tuple[bytes, dict[str, float]]:
-    """Train locally from ``global_state`` and return (encoded update, metrics)."""
+    """Train locally from ``global_state`` and return (encoded update, metrics).
+
+    First-order AdamW steps, then the configured codec encodes Δ = θ_local − θ_global
+    (Ferret: local steps, then a seeded projection); with ``codec='spsa'`` the local steps
+    are zeroth-order (MeZO) and the payload is one scalar per step. ``error_feedback``
+    (client-side memory) adds what earlier projections lost and keeps what this one loses.
+    """
     fed = federation(cfg)
     wb = workbench(cfg, fed)
     adapters.load_trainable_state(wb.model, global_state)
@@ -111,6 +126,9 @@ def client_round(
     data_key = rng.derive_key(cfg.seed, _CLIENT_DATA, server_round, partition_id)
     collate = collate_for(cfg.task, wb.tokenizer, cfg.max_length)
     batches = shuffled_batches(data, collate, cfg.batch_size, data_key)
+    codec = build_codec(cfg)
+    if cfg.codec == "spsa":
+        return _zo_round(cfg, wb, codec, batches, global_state, key, server_round, slot, len(data))
     result = train_local(
         wb.model,
         batches,
@@ -123,8 +141,12 @@ def client_round(
     )
     new_state = adapters.trainable_state(wb.model)
     delta = {k: new_state[k] - global_state[k] for k in global_state}
-    codec = codecs.get(cfg.codec, **dict(cfg.codec_options))
+    if error_feedback is not None:
+        delta = error_feedback.apply(delta)
     payload = codec.encode(delta, key, round=server_round, slot=slot)
+    if error_feedback is not None:
+        sent = codec.decode(payload, like=global_state, key=key, round=server_round, slot=slot)
+        error_feedback.update(delta, sent)
     metrics = {
         "train-loss": result.loss,
         "num-examples": float(result.num_examples),
@@ -133,6 +155,50 @@ def client_round(
         "client-examples": float(len(data)),
     }
     return payload, metrics
+
+
+def _zo_round(
+    cfg: Config,
+    wb: Workbench,
+    codec: Any,
+    batches: Any,
+    global_state: Tensors,
+    key: int,
+    server_round: int,
+    slot: int,
+    n_data: int,
+) -> tuple[bytes, dict[str, float]]:
+    """MeZO local steps (Malladi et al. 2023, Alg. 1): the model is only evaluated, never
+    back-propagated; directions regenerate from ``key`` so the server can replay them."""
+    from fedtune.codecs import ZOUpdate
+    from fedtune.train import to_device
+    from fedtune.zo import zo_train
+
+    params = {n: p for n, p in wb.model.named_parameters() if p.requires_grad}
+    wb.model.eval()  # both loss evaluations of a step must see the same function (no dropout)
+
+    def loss_fn(batch: Any) -> float:
+        return float(wb.model(**to_device(batch, wb.device)).loss)
+
+    with torch.no_grad():
+        scalars, losses = zo_train(
+            params,
+            loss_fn,
+            batches,
+            steps=cfg.local_steps,
+            lr=codec.lr,
+            eps=cfg.zo_eps,
+            key=key,
+            scalar_bits=codec.coef_bits,
+        )
+    payload = codec.encode(ZOUpdate(scalars, like=global_state), key, round=server_round, slot=slot)
+    return payload, {
+        "train-loss": sum(losses) / max(len(losses), 1),
+        "num-examples": float(cfg.local_steps * cfg.batch_size),
+        "local-steps": float(cfg.local_steps),
+        "payload-bytes": float(len(payload)),
+        "client-examples": float(n_data),
+    }
 
 
 def evaluate_state(cfg: Config, state: Tensors, *, on: str = "test", partition_id: int = -1) -> dict[str, float]:

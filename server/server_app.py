@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune import adapters, checkpoint, codecs, merging, pipeline
+from fedtune import adapters, checkpoint, merging, pipeline
 from fedtune.config import Config, ConfigError, parse
 from fedtune.data import DataError
 from fedtune.fl.records import record_to_state, state_to_record
@@ -29,7 +29,7 @@ def _fail(e: Exception) -> None:
 
 def _strategy(cfg: Config, spec: dict, on_round) -> FedTuneStrategy:  # type: ignore[type-arg]
     return FedTuneStrategy(
-        codec=codecs.get(cfg.codec, **dict(cfg.codec_options)),
+        codec=pipeline.build_codec(cfg),
         merger=merging.get(cfg.merger, **dict(cfg.merger_options)),
         server_opt=merging.get_server_opt(cfg.server_opt, **dict(cfg.server_opt_options)),
         spec=spec,

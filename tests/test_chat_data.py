@@ -65,7 +65,9 @@ def test_chatterbot_dedup_chains_and_clients(tmp_path: Path) -> None:
         ("Fine.", "Good to hear.", "greetings"),
     ]
     first = load_chatterbot(languages="english", data_dir=tmp_path, pairs="first")
-    assert ("Fine.", "Good to hear.") not in set(zip(first["prompt"], first["response"], strict=True))
+    assert ("Fine.", "Good to hear.") not in set(
+        zip(first["prompt"], first["response"], strict=True)
+    )
     with_ts = load_chatterbot(languages="english", data_dir=tmp_path, exclude_categories=())
     assert "tech_support" in set(with_ts["client"])
     by_lang = load_chatterbot(languages=None, client_by="language", data_dir=tmp_path)
@@ -162,7 +164,10 @@ def test_prompt_masking_exact(tok, prompt: str, response: str) -> None:
     assert labels[n_masked:] == ids[n_masked:]
     assert tok.decode(labels[n_masked:]) == response + "<|im_end|>"
     # the masked part is exactly the generation prompt (what inference feeds the model)
-    assert tok.decode(ids[:n_masked]) == f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tok.decode(ids[:n_masked])
+        == f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_prompt_masking_smollm2_style_template(tok) -> None:

@@ -40,7 +40,7 @@ def test_registry_lists_and_validates() -> None:
     assert {"dense", "gaussian", "rademacher", "srht", "countsketch", "spsa"} <= set(codecs.names())
     c = codecs.get("srht", k=4096, coef_bits=8)
     assert isinstance(c, ProjectionCodec) and c.k == 4096
-    with pytest.raises(RegistryError, match="allowed: .*coef_bits"):
+    with pytest.raises(RegistryError, match=r"allowed: .*coef_bits"):
         codecs.get("srht", bogus=1)
     with pytest.raises(RegistryError, match="unknown codec 'nope'; allowed: countsketch"):
         codecs.get("nope")
@@ -50,7 +50,7 @@ def test_registry_lists_and_validates() -> None:
         codecs.get("dense", coef_bits=1)
     with pytest.raises(RegistryError, match="k must"):
         codecs.get("gaussian", k=0)
-    with pytest.raises(RegistryError, match="no option.*k"):
+    with pytest.raises(RegistryError, match=r"no option.*k"):
         codecs.get("dense", k=10)  # dense has no budget
     with pytest.raises(RegistryError, match="lr"):
         codecs.get("spsa")  # lr is required

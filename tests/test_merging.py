@@ -271,8 +271,8 @@ def test_dare_mask_independent_of_chunking(monkeypatch: pytest.MonkeyPatch) -> N
     d = _deltas(7, 2, {"a": (50, 40), "b": (33,)})
     m = merging.get("dare", drop_rate=0.4, merge="ties", density=0.5)
     a = _cat(m.merge(d, [1, 2], key=5))
-    monkeypatch.setattr("fedtune.merging.dare.CHUNK", 97)
-    monkeypatch.setattr("fedtune.merging.ties.CHUNK", 101)
+    monkeypatch.setattr("fedtune.merging.dare.chunk_size", lambda d: 97)
+    monkeypatch.setattr("fedtune.merging.ties.chunk_size", lambda d: 101)
     b = _cat(m.merge(d, [1, 2], key=5))
     assert torch.equal(a, b)
 
@@ -307,6 +307,8 @@ def test_dare_rejects_density_with_linear() -> None:
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(2, 6), name=st.sampled_from(DETERMINISTIC))
 def test_permutation_invariance(seed: int, n: int, name: str) -> None:
+    if name == "krum":
+        n = max(n, 4)  # n <= 3: the two closest clients always tie on score (order decides)
     d = _deltas(seed, n, SHAPES)
     g = torch.Generator().manual_seed(seed + 1)
     w = (torch.rand(n, generator=g) + 0.1).tolist()

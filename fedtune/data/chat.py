@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +38,8 @@ from typing import Any, Literal
 import torch
 from datasets import Dataset
 
+from fedtune import rng
+from fedtune.data.text import DataError, Federation, partition, split_test
 from fedtune.registry import Registry
 
 IGNORE_INDEX = -100
@@ -46,7 +49,7 @@ COLUMNS = ("prompt", "response", "client")
 CHAT_DATASETS: Registry[Dataset] = Registry("chat dataset")
 
 
-class ChatDataError(ValueError):
+class ChatDataError(DataError):
     """A chat data source is missing, malformed or lacks a field."""
 
 
@@ -142,8 +145,7 @@ def load_chatterbot(
                 if not isinstance(conv, list):
                     continue
                 turns = [_clean(t) for t in conv]
-                stop = min(len(turns), 2) if pairs == "first" else len(turns)
-                for q, a in zip(turns[: stop - 1], turns[1:stop], strict=True):
+                for q, a in itertools.pairwise(turns[:2] if pairs == "first" else turns):
                     if q and a and (q, a) not in seen:
                         seen.add((q, a))
                         rows.append((q, a, client))
@@ -183,12 +185,8 @@ def load_chitchat(
         client = _clean(conv.get("prompt")) or "(none)"
         turns = [" ".join(_clean(m.get("text")) for m in turn).strip() for turn in conv["messages"]]
         turns = [t for t in turns if t]
-        kept = 0
-        for q, a in zip(turns, turns[1:], strict=False):
-            if max_pairs_per_conversation and kept >= max_pairs_per_conversation:
-                break
-            rows.append((q, a, client))
-            kept += 1
+        cap = max_pairs_per_conversation or None
+        rows.extend((q, a, client) for q, a in itertools.islice(itertools.pairwise(turns), cap))
     return _dataset(rows, f"chitchat ({f})")
 
 
@@ -397,3 +395,101 @@ def tokenize_dataset(
 
     drop = [c for c in dataset.column_names if c != "client"]
     return dataset.map(one, remove_columns=drop)
+
+
+# ------------------------------------------------------------- federation / training glue
+
+#: ``dataset`` names of the causal-LM task -> (loader, options)
+FEDERATION_DATASETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "chatterbot": ("chatterbot", {"languages": ("english",), "client_by": "category"}),
+    "chatterbot-multilingual": ("chatterbot", {"languages": None, "client_by": "language"}),
+    "chitchat": ("chitchat", {}),
+}
+
+
+def load_federation_dataset(dataset: str, data_path: str = "") -> Dataset:
+    """The chat dataset behind run-config ``dataset`` (``file`` / ``jsonl`` read ``data_path``).
+
+    A ``file`` without a ``client`` field in its first row gets one client ``"0"`` (then
+    use ``partitioning='iid'`` or ``'dirichlet'``).
+    """
+    if dataset in ("file", "jsonl"):
+        if not data_path:
+            raise ChatDataError(f"dataset {dataset!r} needs data-path (a JSONL file)")
+        return load_jsonl(data_path, client_field="client" if _has_client(data_path) else None)
+    if dataset not in FEDERATION_DATASETS:
+        allowed = ", ".join([*FEDERATION_DATASETS, "file"])
+        raise ChatDataError(f"unknown dataset {dataset!r} for causal-lm; allowed: {allowed}")
+    name, options = FEDERATION_DATASETS[dataset]
+    return load_chat(name, **options)
+
+
+def _has_client(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    obj = json.loads(line)
+                    return isinstance(obj, dict) and "client" in obj
+    except (OSError, json.JSONDecodeError):
+        return True  # let load_jsonl report the problem with file and line
+    return False
+
+
+def build_chat_federation(
+    dataset: str,
+    data_path: str,
+    how: str,
+    num_partitions: int,
+    alpha: float,
+    test_fraction: float,
+    max_test: int,
+    max_per_client: int,
+    seed: int,
+) -> Federation:
+    """Held-out test pairs + one training partition per client, for the causal-LM task.
+
+    Same recipe as the classification federation (keyed test split, flwr-datasets
+    partitioners). ``dirichlet`` splits over the natural client ids as if they were labels
+    (a ``label`` column holding the client's index is added for the partitioner), so each
+    partition gets a Dirichlet(alpha) mixture of topics / prompts.
+    """
+    ds = load_federation_dataset(dataset, data_path)
+    if how == "dirichlet":
+        names = sorted(set(ds["client"]))
+        index = {c: i for i, c in enumerate(names)}
+        ds = ds.add_column("label", [index[c] for c in ds["client"]])
+    pool, test = split_test(ds, test_fraction, max_test, rng.derive_key(seed, 0x5E57))
+    clients, client_names = partition(pool, how, num_partitions, alpha, seed)
+    if max_per_client:
+        clients = [c.select(range(min(len(c), max_per_client))) for c in clients]
+    empty = [n for n, c in zip(client_names, clients, strict=True) if len(c) == 0]
+    if empty:
+        raise ChatDataError(
+            f"partitioning left client(s) {empty} without data; use fewer partitions"
+        )
+    return Federation("causal-lm", 0, [], clients, client_names, test)
+
+
+def make_collate(
+    tokenizer: Any, max_length: int, min_answer_tokens: int = 16
+) -> Callable[[Mapping[str, Sequence[Any]]], dict[str, torch.Tensor]]:
+    """Collate a column slice ``{"prompt": [...], "response": [...], ...}`` into a batch.
+
+    Tokenizes each pair with :func:`tokenize_chat` (prompt masked) and right-pads with
+    :func:`collate_chat`; the result feeds ``model(**batch).loss`` and :func:`answer_loss`.
+    """
+    collate = chat_collator(tokenizer)
+
+    def run(cols: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
+        missing = [c for c in ("prompt", "response") if c not in cols]
+        if missing:
+            raise ChatDataError(f"chat batch lacks column(s) {', '.join(missing)}")
+        return collate(
+            [
+                tokenize_chat(tokenizer, str(p), str(r), max_length, min_answer_tokens)
+                for p, r in zip(cols["prompt"], cols["response"], strict=True)
+            ]
+        )
+
+    return run

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .base import Delta, FlatLayout, StreamingMerger, check_choice, check_range, register
-from .sparsify import CHUNK, SignedAccumulator
+from .sparsify import SignedAccumulator, chunk_size
 
 
 def breadcrumbs_rows(x: Tensor, density: float, gamma: float) -> Tensor:
@@ -53,7 +53,7 @@ def breadcrumbs_pieces(
             continue
         rows = t.reshape(-1, t.shape[-1])
         c = rows.shape[1]
-        step = max(1, CHUNK // max(c, 1))
+        step = max(1, chunk_size(layout.total, layout.device) // max(c, 1))
         for r in range(0, rows.shape[0], step):
             block = rows[r : r + step]
             yield off + r * c, breadcrumbs_rows(block, density, gamma).reshape(-1)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .base import Delta, FlatLayout, StreamingMerger, check_choice, check_range, register
-from .sparsify import CHUNK, SignedAccumulator, bernoulli_keep
+from .sparsify import SignedAccumulator, bernoulli_keep, chunk_size
 from .ties import trimmed_pieces
 
 MODES = ("linear", "ties")
@@ -71,7 +71,7 @@ class Dare(StreamingMerger):
     def _dropped(self, layout: FlatLayout, delta: Delta, key: int) -> Iterator[tuple[int, Tensor]]:
         """``(flat_offset, chunk)`` of the dropped-and-rescaled delta."""
         keep = 1.0 - self.drop_rate
-        for off, x in layout.pieces(delta, CHUNK):
+        for off, x in layout.pieces(delta, chunk_size(layout.total, layout.device)):
             m = bernoulli_keep(key, x.numel(), keep, offset=off, device=x.device)
             yield off, torch.where(m, x / keep, 0.0)
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .base import Delta, FlatLayout, StreamingMerger, check_range, register
-from .sparsify import CHUNK
+from .sparsify import chunk_size
 
 
 @register("fedgma")
@@ -34,7 +34,7 @@ class FedGMA(StreamingMerger):
 
     def _add(self, layout: FlatLayout, delta: Delta, weight: float, key: int | None) -> None:
         assert self._sum is not None and self._sign is not None
-        for off, x in layout.pieces(delta, CHUNK):
+        for off, x in layout.pieces(delta, chunk_size(layout.total, layout.device)):
             sl = slice(off, off + x.numel())
             self._sum[sl].add_(x, alpha=weight)
             self._sign[sl].add_(torch.sign(x), alpha=weight)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .base import Delta, FlatLayout, StreamingMerger, check_range, register
-from .sparsify import CHUNK
+from .sparsify import chunk_size
 
 
 @register("magmax")
@@ -34,7 +34,7 @@ class MagMax(StreamingMerger):
         assert self._best is not None
         if weight == 0:
             return
-        for off, x in layout.pieces(delta, CHUNK):
+        for off, x in layout.pieces(delta, chunk_size(layout.total, layout.device)):
             b = self._best[off : off + x.numel()]
             b.copy_(torch.where(x.abs() >= b.abs(), x, b))
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .base import BatchMerger, Delta, FlatLayout, check_range, register
-from .sparsify import CHUNK, kth_smallest
+from .sparsify import chunk_size, kth_smallest
 
 
 def _minmax(x: Tensor, lo: float, hi: float) -> Tensor:
@@ -55,7 +55,7 @@ class PCB(BatchMerger):
         wt = [w / mean_w for w in weights]
         total = layout.zeros()
         for i, delta in enumerate(deltas):
-            for off, x in layout.pieces(delta, CHUNK):
+            for off, x in layout.pieces(delta, chunk_size(layout.total, layout.device)):
                 total[off : off + x.numel()].add_(x, alpha=wt[i])
         num, den = layout.zeros(), layout.zeros()
         i_lo = math.floor(d * self.clamp_q)
@@ -66,13 +66,13 @@ class PCB(BatchMerger):
                 continue
 
             def absval(delta: Delta = delta) -> Iterator[Tensor]:
-                return (x.abs() for _, x in layout.pieces(delta, CHUNK))
+                return (x.abs() for _, x in layout.pieces(delta, chunk_size(layout.total, layout.device)))
 
             a_lo = kth_smallest(absval, i_lo + 1)
             a_hi = kth_smallest(absval, i_hi + 1)
 
             def beta(delta: Delta = delta, a_lo: float = a_lo, a_hi: float = a_hi) -> Iterator[Tensor]:
-                for off, x in layout.pieces(delta, CHUNK):
+                for off, x in layout.pieces(delta, chunk_size(layout.total, layout.device)):
                     a = x.abs().clamp(a_lo, a_hi)
                     intra = torch.exp(n * _minmax(a, a_lo, a_hi) ** 2)
                     inter = torch.tanh(x * total[off : off + x.numel()])
@@ -80,7 +80,7 @@ class PCB(BatchMerger):
 
             b_lo = kth_smallest(beta, i_beta + 1)
             b_hi = max(float(c.max()) for c in beta())
-            for (off, x), b in zip(layout.pieces(delta, CHUNK), beta(), strict=True):
+            for (off, x), b in zip(layout.pieces(delta, chunk_size(layout.total, layout.device)), beta(), strict=True):
                 s = _minmax(b.clamp_min(b_lo), b_lo, b_hi) * wt[i]
                 clamped = torch.sign(x) * x.abs().clamp(a_lo, a_hi)
                 sl = slice(off, off + x.numel())

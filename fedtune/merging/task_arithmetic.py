@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .base import Delta, FlatLayout, StreamingMerger, check_range, register
-from .sparsify import CHUNK
+from .sparsify import chunk_size
 
 
 @register("task-arithmetic")
@@ -40,7 +40,7 @@ class TaskArithmetic(StreamingMerger):
 
     def _add(self, layout: FlatLayout, delta: Delta, weight: float, key: int | None) -> None:
         assert self._sum is not None
-        for off, x in layout.pieces(delta, CHUNK):
+        for off, x in layout.pieces(delta, chunk_size(layout.total, layout.device)):
             self._sum[off : off + x.numel()].add_(x, alpha=weight)
 
     def _finish(self, layout: FlatLayout) -> Tensor:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .base import Delta, FlatLayout, StreamingMerger, check_choice, check_range, register
-from .sparsify import CHUNK, SignedAccumulator, magnitude_mask, magnitude_threshold
+from .sparsify import SignedAccumulator, chunk_size, magnitude_threshold
 
 SCOPES = ("global", "tensor")
 
@@ -47,10 +47,12 @@ def trimmed_pieces(
         thresholds = [t] * len(flats)
     else:
         thresholds = [magnitude_threshold([f], density) for f in flats]
+    step = chunk_size(sum(f.numel() for f in flats), flats[0].device)
     for off, f, t in zip(offsets, flats, thresholds, strict=True):
-        for s in range(0, f.numel(), CHUNK):
-            x = f[s : s + CHUNK]
-            yield off + s, torch.where(magnitude_mask(x, t), x, 0.0)
+        for s in range(0, f.numel(), step):
+            x = f[s : s + step]
+            # Zeros need no masking here: they add nothing to either sign's sums.
+            yield off + s, x if t is None else x * (x.abs() >= t)
 
 
 @register("ties")
