@@ -79,6 +79,10 @@ class Config:
     device: str = "auto"
     zo_eps: float = 1e-3  # SPSA perturbation scale (codec='spsa')
     error_feedback: bool = False  # client keeps what the projection lost (projection codecs)
+    # robustness experiments: a keyed fraction of clients sends corrupted updates
+    attack: Literal["none", "sign-flip", "scale", "noise"] = "none"
+    attack_fraction: float = 0.2
+    attack_scale: float = 100.0
     # server
     fraction_train: float = 1.0
     min_train_nodes: int = 2
@@ -141,6 +145,7 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "round_timeout": (1.0, None, "a number of seconds >= 1"),
     "eval_batch_size": (1, 65536, "a positive integer"),
     "zo_eps": (1e-9, 1.0, "a perturbation scale in (0, 1]"),
+    "attack_fraction": (0.0, 1.0, "a fraction in [0, 1]"),
     "clip_norm": (0.0, None, "0 (off) or a positive norm"),
 }
 

@@ -24,7 +24,7 @@ from fedtune.train import collate_for, eval_batches, shuffled_batches, train_loc
 Tensors = dict[str, torch.Tensor]
 
 # fixed stream tags so different uses of the run seed never share a key
-_ADAPTER_INIT, _CLIENT_DATA = 0xADA, 0xDA7A
+_ADAPTER_INIT, _CLIENT_DATA, _ATTACK = 0xADA, 0xDA7A, 0xBAD
 
 
 def adapter_key(cfg: Config) -> int:
@@ -141,6 +141,8 @@ def client_round(
     )
     new_state = adapters.trainable_state(wb.model)
     delta = {k: new_state[k] - global_state[k] for k in global_state}
+    if cfg.attack != "none" and partition_id in attackers(cfg, len(fed.clients)):
+        delta = corrupt(delta, cfg.attack, cfg.attack_scale, key)
     if error_feedback is not None:
         delta = error_feedback.apply(delta)
     payload = codec.encode(delta, key, round=server_round, slot=slot)
@@ -155,6 +157,29 @@ def client_round(
         "client-examples": float(len(data)),
     }
     return payload, metrics
+
+
+def attackers(cfg: Config, num_clients: int) -> set[int]:
+    """Partition ids of the simulated malicious clients: a keyed, fixed ``attack-fraction``."""
+    k = round(cfg.attack_fraction * num_clients)
+    if k == 0:
+        return set()
+    return set(rng.choice(rng.derive_key(cfg.seed, _ATTACK), 0, num_clients, k).tolist())
+
+
+def corrupt(delta: Tensors, how: str, scale: float, key: int) -> Tensors:
+    """A malicious update: sign-flipped and scaled, scaled, or replaced by keyed noise of
+    ``scale`` times the honest norm (Fang et al. 2020 / Blanchard et al. 2017 threat models)."""
+    if how == "sign-flip":
+        return {k: -scale * v for k, v in delta.items()}
+    if how == "scale":
+        return {k: scale * v for k, v in delta.items()}
+    if how == "noise":
+        norm = sum(float(v.pow(2).sum()) for v in delta.values()) ** 0.5
+        out = {k: rng.normal(key, i, v.numel()).view_as(v) for i, (k, v) in enumerate(delta.items())}
+        nn_ = sum(float(v.pow(2).sum()) for v in out.values()) ** 0.5 or 1.0
+        return {k: v * (scale * norm / nn_) for k, v in out.items()}
+    raise ValueError(f"unknown attack {how!r}")
 
 
 def _zo_round(
@@ -230,3 +255,14 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def generate(cfg: Config, state: Tensors, n: int = 3, max_new_tokens: int = 32) -> list[tuple[str, str]]:
+    """Greedy answers of the model with adapter ``state`` to the first ``n`` held-out prompts."""
+    from fedtune.lm import generate_samples
+
+    fed = federation(cfg)
+    wb = workbench(cfg, fed)
+    adapters.load_trainable_state(wb.model, state)
+    prompts = [str(p) for p in fed.test["prompt"][:n]]
+    return list(zip(prompts, generate_samples(wb.model, wb.tokenizer, prompts, max_new_tokens), strict=True))

@@ -337,12 +337,13 @@ def _cos_sin_2pi_u(w: Any, ops: Any) -> tuple[Any, Any]:
     f_int = ops.where(odd, ((1 << 29) - 1) - low, low)
     phi = (ops.f64(f_int) + 0.5) * (_TWO_M29 * _PI_4)
     sp, cp = _sincos(phi)
-    c = ops.where(odd, sp, cp)  # cos of the angle within the quadrant
-    s = ops.where(odd, cp, sp)
+    # rotate by the quadrant q: (c, s) -> (c, s), (-s, c), (-c, -s), (s, -c); an odd octant
+    # also swaps c and s. Selection and exact sign flips only (no rounding).
     q = octant >> 1
-    cos = ops.where(q == 0, c, ops.where(q == 1, -s, ops.where(q == 2, -c, s)))
-    sin = ops.where(q == 0, s, ops.where(q == 1, c, ops.where(q == 2, -s, -c)))
-    return cos, sin
+    swap = (octant ^ q) & 1 == 1
+    sign_cos = 1.0 - 2.0 * ops.f64((q ^ (q >> 1)) & 1)  # unsigned ints: subtract as floats
+    sign_sin = 1.0 - 2.0 * ops.f64(q >> 1)
+    return ops.where(swap, sp, cp) * sign_cos, ops.where(swap, cp, sp) * sign_sin
 
 
 def _box_muller(w: Any, ops: Any) -> tuple[Any, Any]:

@@ -90,6 +90,11 @@ def main(grid: Grid, context: Context) -> None:
         }
         metrics.append(row)
         log(INFO, "fedtune: %s", round_line(row))
+        if cfg.task == "causal-lm":  # a few greedy answers per round, to read progress
+            samples = pipeline.generate(cfg, record_to_state(arrays), n=3)
+            with (run_dir / "generations.jsonl").open("a") as f:
+                for prompt, answer in samples:
+                    f.write(json.dumps({"round": server_round, "prompt": prompt, "answer": answer}) + "\n")
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, int | float)})
 
     def save(server_round: int, arrays: ArrayRecord) -> None:

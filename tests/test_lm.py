@@ -213,10 +213,23 @@ def test_smollm2_cached_load_and_chat() -> None:
     assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name and path.name in p.name]
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert next(model.parameters()).dtype == torch.float32 and tok.pad_token_id is not None
-    f = tokenize_chat(tok, "What is the capital of France?", "Paris.", 96)
-    assert tok.decode([x for x in f["labels"] if x != IGNORE_INDEX]) == "Paris.<|im_end|>"
-    batch = collate_chat([f], tok.pad_token_id)
-    res = answer_loss(model, [batch])
-    assert res["tokens"] == 3 and res["loss"] < 3.0  # the model already knows this answer
+    q = "What is the capital of France?"
+    f = tokenize_chat(tok, q, "The capital of France is Paris.", 96)
+    kept = [x for x in f["labels"] if x != IGNORE_INDEX]
+    assert tok.decode(kept) == "The capital of France is Paris.<|im_end|>"
+    right = answer_loss(model, [collate_chat([f], tok.pad_token_id)])
+    wrong = answer_loss(
+        model, [collate_chat([tokenize_chat(tok, q, "The capital of France is Rome.", 96)], 0)]
+    )
+    assert right["tokens"] == len(kept) and right["loss"] < 1.0 < wrong["loss"]
     assert "Paris" in generate_samples(model, tok, ["What is the capital of France?"], 12)[0]
     del model2
+
+
+def test_named_tiny_llama() -> None:
+    model, tok = load_causal_lm("tiny-llama")
+    ref, _ = tiny_llama(seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters(), strict=True))
+    assert lm.load_tokenizer("tiny-llama").get_vocab() == tok.get_vocab()
+    half, _ = load_causal_lm("tiny-llama", dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16

@@ -58,13 +58,13 @@ def test_zo_is_deterministic_and_decreases_loss() -> None:
     for _ in range(2):
         net = _net()
         scalars, losses = zo.zo_train(
-            list(net.parameters()), _loss(net), _batches(), steps=200, lr=0.05, eps=1e-3, key=key
+            list(net.parameters()), _loss(net), _batches(), steps=200, lr=0.02, eps=1e-3, key=key
         )
         runs.append((scalars, [p.detach().clone() for p in net.parameters()], losses))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
     losses = runs[0][2]
-    assert sum(losses[-40:]) / 40 < 0.8 * sum(losses[:40]) / 40
+    assert sum(losses[-40:]) / 40 < 0.5 * sum(losses[:40]) / 40
 
 
 def test_zo_trains_a_tiny_hf_model_through_a_closure() -> None:

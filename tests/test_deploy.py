@@ -1,0 +1,243 @@
+"""Deployment on loopback through the deploy/ scripts: a SuperLink and three SuperNodes as
+separate processes (TLS + SuperNode authentication, and the --insecure debugging mode), a
+2-round run with codec='srht' and merger='ties', and a SuperNode with an unregistered key.
+
+Everything lives under tmp_path (certificates, PID files, logs, one FLWR_HOME per process);
+every process the scripts start is stopped by its recorded PID, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+RUN_TIMEOUT_S = 900  # a loaded 2-core CI box needs ~3 min; every message starts a fresh process
+NODES = 3
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Deployment:
+    """Runs the deploy/ scripts with FEDTUNE_DEPLOY_DIR in a temporary folder."""
+
+    def __init__(self, base: Path) -> None:
+        self.dir = base / "deploy"
+        venv_bin = str(Path(sys.executable).parent)
+        self.env = {
+            **os.environ,
+            "FEDTUNE_DEPLOY_DIR": str(self.dir),
+            "FLWR_HOME": str(base / "stray-flwr-home"),  # anything not given its own home
+            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+        }
+        self.known: set[int] = set()
+
+    def script(self, name: str, *args: str, check: bool = True, timeout: float = 180) -> str:
+        proc = subprocess.run(
+            ["bash", str(DEPLOY / f"{name}.sh"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        self.remember()
+        if check and proc.returncode != 0:
+            raise AssertionError(f"deploy/{name}.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc.stdout + proc.stderr
+
+    def flwr(self, *args: str) -> dict:
+        proc = subprocess.run(
+            [str(Path(sys.executable).with_name("flwr")), *args, "--format", "json"],
+            env={**self.env, "FLWR_HOME": str(self.dir / "home" / "cli")},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        out = proc.stdout
+        assert "{" in out, f"flwr {' '.join(args)}: {out}\n{proc.stderr}"
+        return json.loads(out[out.index("{") :])
+
+    def pid(self, name: str) -> int:
+        return int((self.dir / "pids" / f"{name}.pid").read_text())
+
+    def log(self, name: str) -> str:
+        return (self.dir / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def remember(self) -> None:
+        """Record every process started so far and its descendants, to stop them at the end
+        even if stop.sh misses one (SuperExec runs in a session of its own)."""
+        import psutil
+
+        for f in (self.dir / "pids").glob("*.pid"):
+            pid = int(f.read_text())
+            self.known.add(pid)
+            try:
+                self.known.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+
+    def teardown(self) -> None:
+        import psutil
+
+        self.remember()
+        try:
+            self.script("stop", check=False, timeout=60)
+        finally:
+            procs = []
+            for pid in self.known:
+                try:
+                    procs.append(psutil.Process(pid))
+                except psutil.NoSuchProcess:
+                    continue
+            alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            for p in alive:
+                try:
+                    # only our own: started by the scripts in this test's folder
+                    if str(self.dir) in " ".join(p.cmdline()) or "flwr-" in p.name() or "flower-" in " ".join(p.cmdline()):
+                        p.send_signal(signal.SIGKILL)
+                except psutil.NoSuchProcess:
+                    pass
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    d = Deployment(tmp_path)
+    try:
+        yield d
+    finally:
+        d.teardown()
+
+
+def _wait_for_nodes(d: Deployment, n: int, limit: float = 180) -> None:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        nodes = d.flwr("supernode", "list", "fedtune").get("nodes", [])
+        if sum(1 for x in nodes if x.get("status") == "online") >= n:
+            return
+        time.sleep(2)
+    raise AssertionError(f"fewer than {n} SuperNodes came online: {nodes}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("secure", [True, False], ids=["tls-auth", "insecure"])
+def test_three_supernodes_run_two_rounds_over_loopback(deployment, tiny_run_config, tmp_path, secure):
+    d = deployment
+    link_port, *node_ports = _free_ports(1 + NODES + 1)
+    link = f"127.0.0.1:{link_port}"
+    mode = [] if secure else ["--insecure"]
+
+    if secure:
+        d.script("make-certs", "--supernodes", str(NODES + 1))  # the last key stays unregistered
+        assert (d.dir / "certs" / "server.pem").exists() and (d.dir / "keys" / "supernode-3.pub").exists()
+    d.script("superlink", "--host", "127.0.0.1", "--port", str(link_port), *mode)
+    d.script("connect", "--superlink", link, *mode)
+    if secure:
+        out = d.script("register", *(str(d.dir / "keys" / f"supernode-{i}.pub") for i in range(NODES)))
+        assert out.count("registered successfully") == NODES, out
+
+    for i in range(NODES):
+        d.script(
+            "supernode", "--partition", str(i), "--num-partitions", str(NODES),
+            "--superlink", link, "--runtime-port", str(node_ports[i]), *mode,
+        )  # fmt: skip
+    _wait_for_nodes(d, NODES)
+
+    if secure:
+        # a SuperNode whose key was never registered is turned away and exits
+        d.script(
+            "supernode", "--partition", "3", "--num-partitions", "4", "--name", "intruder",
+            "--superlink", link, "--runtime-port", str(node_ports[NODES]), "--max-retries", "0",
+        )  # fmt: skip
+        pid, end = d.pid("intruder"), time.monotonic() + 120
+        while time.monotonic() < end and _running(pid):
+            time.sleep(0.5)
+        assert not _running(pid), "a SuperNode with an unregistered key kept running"
+        assert "Failed to activate SuperNode" in d.log("intruder")
+        assert "No SuperNode found with the given public key" in d.log("superlink")
+        online = [x for x in d.flwr("supernode", "list", "fedtune")["nodes"] if x["status"] == "online"]
+        assert len(online) == NODES
+
+    cfg = {
+        **tiny_run_config,
+        "codec": "srht",
+        "merger": "ties",
+        "min-train-nodes": NODES,
+        "min-available-nodes": NODES,
+        "run-name": "deployed",
+    }
+    kv = " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())
+    out = d.script("run", "--detach", "-c", kv)
+    run_id = json.loads(out[out.index("{") : out.rindex("}") + 1])["run-id"]
+
+    end, status = time.monotonic() + RUN_TIMEOUT_S, ""
+    while time.monotonic() < end:
+        runs = d.flwr("list", "fedtune", "--run-id", str(run_id))["runs"]
+        status = runs[0]["status"]
+        if status.startswith("finished"):
+            break
+        time.sleep(3)
+    assert status == "finished:completed", f"run {run_id} ended as {status!r}:\n{d.log('superlink')[-3000:]}"
+
+    run_dir = Path(tiny_run_config["output-dir"]) / "deployed"
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["valid-replies"] == NODES and r["dropped-replies"] == 0 for r in rows[1:])
+    assert all(r["bytes-up"] > 0 and r["bytes-down"] > 0 for r in rows[1:])
+    written = json.loads((run_dir / "config.json").read_text())
+    assert written["codec"] == "srht" and written["merger"] == "ties"
+    assert (run_dir / "adapter").is_dir()
+    # every node trained: one ClientApp process per message, on each SuperNode
+    for i in range(NODES):
+        assert "Start `flwr-clientapp` process" in d.log(f"supernode-{i}")
+
+    d.script("stop", timeout=60)
+    assert not [p for p in d.known if _running(p)], "deploy/stop.sh left processes behind"
+    assert not list((d.dir / "pids").glob("*.pid"))
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_scripts_reject_bad_arguments_before_starting_anything(tmp_path):
+    d = Deployment(tmp_path)
+    out = d.script("supernode", "--partition", "5", "--num-partitions", "3", "--superlink", "x:1", check=False)
+    assert "must be below --num-partitions" in out
+    out = d.script("supernode", "--partition", "0", "--num-partitions", "3", "--superlink", "127.0.0.1:1", check=False)
+    assert "private key" in out and "missing" in out
+    out = d.script("superlink", "--port", "1", check=False)
+    assert "make-certs.sh" in out  # TLS is the default and needs the certificates
+    out = d.script("run", check=False)
+    assert "connect.sh" in out
+    assert not (d.dir / "pids").exists() or not list((d.dir / "pids").glob("*.pid"))
