@@ -69,6 +69,7 @@ def main() -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     probe = [data[i]["prompt"] for i in held[:3]]
     before = answer_loss(model, eval_batches)
+    print(f"[{time.perf_counter() - t0:6.0f}s] before: held-out answer loss {before['loss']:.3f}")
     samples_before = generate_samples(model, tok, probe, max_new_tokens=24)
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -86,7 +87,8 @@ def main() -> None:
         losses.append(loss.item())
         if step % 5 == 4 or step == args.steps - 1:
             print(
-                f"step {step + 1:3d}  train answer loss {sum(losses[-5:]) / len(losses[-5:]):.3f}"
+                f"[{time.perf_counter() - t0:6.0f}s] step {step + 1:3d}  train answer loss "
+                f"{sum(losses[-5:]) / len(losses[-5:]):.3f}"
             )
     t_train = time.perf_counter() - t1
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import codecs, pipeline
 from fedtune.config import parse
-from fedtune.fl.records import key_from_config, payload_to_record, record_to_state, state_to_record
+from fedtune.fl.records import (
+    config_int,
+    key_from_config,
+    metrics_record,
+    payload_to_record,
+    record_to_state,
+    state_to_record,
+    train_inputs,
+)
 
 app = ClientApp()
 
@@ -16,14 +24,16 @@ def _partition_id(context: Context) -> int:
     """Simulation sets partition-id; a deployed SuperNode gets it from --node-config."""
     pid = context.node_config.get("partition-id")
     if not isinstance(pid, int):
-        raise ValueError("node config lacks an integer 'partition-id' (--node-config \"partition-id=0\")")
+        raise ValueError(
+            "node config lacks an integer 'partition-id' (--node-config \"partition-id=0\")"
+        )
     return pid
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = parse(context.run_config, validate_methods=False)
-    config = msg.content["config"]
+    global_state, config = train_inputs(msg)
     ef = None
     if cfg.error_feedback:  # the residual lives in the node's Context.state across rounds
         ef = codecs.ErrorFeedback()
@@ -32,15 +42,15 @@ def train(msg: Message, context: Context) -> Message:
     payload, metrics = pipeline.client_round(
         cfg,
         _partition_id(context),
-        record_to_state(msg.content["arrays"]),
+        global_state,
         key=key_from_config(config),
-        server_round=int(config["server-round"]),
-        slot=int(config["slot"]),
+        server_round=config_int(config, "server-round"),
+        slot=config_int(config, "slot"),
         error_feedback=ef,
     )
     if ef is not None:
         context.state["error-feedback"] = state_to_record(ef.state_dict())
-    content = RecordDict({"arrays": payload_to_record(payload), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": payload_to_record(payload), "metrics": metrics_record(metrics)})
     return Message(content=content, reply_to=msg)
 
 
@@ -48,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
 def identify(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds: its keys are issued per partition."""
     return Message(
-        content=RecordDict({"identity": MetricRecord({"partition-id": _partition_id(context)})}),
+        content=RecordDict({"identity": metrics_record({"partition-id": _partition_id(context)})}),
         reply_to=msg,
     )
 
@@ -57,7 +67,11 @@ def identify(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter on this client's own data."""
     cfg = parse(context.run_config, validate_methods=False)
+    state, _ = train_inputs(msg)
     res = pipeline.evaluate_state(
-        cfg, record_to_state(msg.content["arrays"]), on="client", partition_id=_partition_id(context)
+        cfg,
+        state,
+        on="client",
+        partition_id=_partition_id(context),
     )
-    return Message(content=RecordDict({"metrics": MetricRecord(res)}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": metrics_record(res)}), reply_to=msg)

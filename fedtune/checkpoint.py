@@ -42,7 +42,9 @@ class Checkpoint:
 
 
 def _split_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    tensors = {
+        k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)
+    }
     scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
     return tensors, scalars
 
@@ -88,7 +90,9 @@ def load(run_dir: Path) -> Checkpoint:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint in '{run_dir}' is unreadable: {e}") from None
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint version {meta.get('version')} is not supported (expected {VERSION})")
+        raise CheckpointError(
+            f"checkpoint version {meta.get('version')} is not supported (expected {VERSION})"
+        )
     order = meta["adapter_order"]
     return Checkpoint(
         round=int(meta["round"]),
@@ -107,7 +111,9 @@ RESUMABLE_CHANGES = {"num-rounds", "resume", "run-name", "output-dir", "round-ti
 def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A resumed run must use the same config except for keys that cannot change the result."""
     diff = sorted(
-        k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+        k
+        for k in set(saved) | set(current)
+        if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
     )
     if diff:
         show = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])

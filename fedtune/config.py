@@ -266,7 +266,7 @@ def _check_consistency(cfg: Config) -> None:
 def validate_method_names(cfg: Config) -> None:
     """Build the configured codec, merger and server optimizer once (fail fast)."""
     # Imported here: the registries import torch-heavy modules we do not need for parsing.
-    from fedtune import adapters, codecs, merging
+    from fedtune import adapters, merging
     from fedtune.registry import RegistryError
 
     if cfg.adapter not in adapters.names():
@@ -279,7 +279,10 @@ def validate_method_names(cfg: Config) -> None:
         ("adapter", lambda: build_adapter(cfg)),
         ("codec", lambda: build_codec(cfg)),
         ("merger", lambda: merging.get(cfg.merger, **dict(cfg.merger_options))),
-        ("server-opt", lambda: merging.get_server_opt(cfg.server_opt, **dict(cfg.server_opt_options))),
+        (
+            "server-opt",
+            lambda: merging.get_server_opt(cfg.server_opt, **dict(cfg.server_opt_options)),
+        ),
     ]
     for key, build in checks:
         try:

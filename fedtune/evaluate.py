@@ -12,7 +12,9 @@ from fedtune.train import Batch, to_device
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
+def evaluate_classifier(
+    model: nn.Module, batches: Iterable[Batch], device: torch.device
+) -> dict[str, float]:
     """Example-weighted mean cross-entropy and accuracy."""
     model.to(device)
     model.eval()
@@ -31,7 +33,9 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[Batch], device: torc
 
 
 @torch.no_grad()
-def evaluate_lm(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
+def evaluate_lm(
+    model: nn.Module, batches: Iterable[Batch], device: torch.device
+) -> dict[str, float]:
     """Answer-token loss and perplexity (labels == -100 are prompt tokens and ignored)."""
     model.to(device)
     model.eval()
@@ -45,7 +49,9 @@ def evaluate_lm(model: nn.Module, batches: Iterable[Batch], device: torch.device
         mask = shift_labels != -100
         if mask.any():
             loss_sum += float(
-                torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum")
+                torch.nn.functional.cross_entropy(
+                    shift_logits[mask], shift_labels[mask], reduction="sum"
+                )
             )
             tokens += int(mask.sum())
     if tokens == 0:

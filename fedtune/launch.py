@@ -86,9 +86,15 @@ def write_federation(flwr_home: Path, num_supernodes: int, num_cpus: int) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fedtune.launch", description=__doc__.split("\n")[0])
-    ap.add_argument("--run-config", "-c", action="append", default=[], help="key=value pairs or a TOML file")
-    ap.add_argument("--num-supernodes", type=int, default=0, help="default: one per client partition")
+    ap = argparse.ArgumentParser(
+        prog="python -m fedtune.launch", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument(
+        "--run-config", "-c", action="append", default=[], help="key=value pairs or a TOML file"
+    )
+    ap.add_argument(
+        "--num-supernodes", type=int, default=0, help="default: one per client partition"
+    )
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs per simulated client (Ray)")
     ap.add_argument("--flwr-home", default=str(ROOT / ".flwr-home"))
     ap.add_argument("--app", default=str(ROOT))
@@ -123,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides["resume"] = str(Path(cfg.resume).resolve())
     if "min-available-nodes" not in overrides:
         overrides["min-available-nodes"] = min(n_nodes, cfg.min_available_nodes) if n_nodes else 1
-        overrides.setdefault("min-train-nodes", min(cfg.min_train_nodes, overrides["min-available-nodes"]))
+        overrides.setdefault(
+            "min-train-nodes", min(cfg.min_train_nodes, overrides["min-available-nodes"])
+        )
     flwr_home = Path(args.flwr_home).resolve()
     write_federation(flwr_home, n_nodes, args.num_cpus)
     override_file = flwr_home / f"run-config-{run_name}.toml"
@@ -135,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
     }
-    print(f"fedtune: {len(fed.clients)} clients ({', '.join(fed.client_names)}), {n_nodes} SuperNodes")
+    print(
+        f"fedtune: {len(fed.clients)} clients ({', '.join(fed.client_names)}), {n_nodes} SuperNodes"
+    )
     flwr = Path(sys.executable).with_name("flwr")
     cmd = [str(flwr), "run", args.app, "local", "--stream", "--run-config", str(override_file)]
     stop_superlink(flwr_home)  # a SuperLink left from an earlier run would keep its old env
@@ -146,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.resume) if cfg.resume else out_dir / run_name
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists() or not (run_dir / "adapter").exists():
-        print(f"fedtune: error: the run did not complete (flwr exit code {proc.returncode}); see the log above", file=sys.stderr)
+        print(
+            f"fedtune: error: the run did not complete (flwr exit code {proc.returncode}); see the log above",
+            file=sys.stderr,
+        )
         return 1
     from fedtune.metrics import MetricsLog, summary_table
 

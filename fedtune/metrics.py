@@ -29,7 +29,10 @@ class MetricsLog:
         self.path = path
 
     def append(self, row: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(clean, sort_keys=False) + "\n")
 
@@ -56,8 +59,13 @@ def human_bytes(n: float) -> str:
 
 def round_line(row: dict[str, Any]) -> str:
     """``round   3 | train loss 0.8123 | held-out acc 0.6512 loss 0.8011 | up 12.3 KB down 1.2 MB``."""
+
     def f(v: Any, spec: str) -> str:
-        return "   -  " if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+        return (
+            "   -  "
+            if v is None or (isinstance(v, float) and not math.isfinite(v))
+            else format(v, spec)
+        )
 
     metric = (
         f"acc {f(row.get('test-accuracy'), '.4f')}"
@@ -80,7 +88,14 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 
     acc = any("test-accuracy" in r for r in rows)
     t = Table(title="fedtune run")
-    for col in ("round", "train loss", "held-out " + ("acc" if acc else "ppl"), "held-out loss", "bytes up", "bytes down"):
+    for col in (
+        "round",
+        "train loss",
+        "held-out " + ("acc" if acc else "ppl"),
+        "held-out loss",
+        "bytes up",
+        "bytes down",
+    ):
         t.add_column(col, justify="right")
 
     def f(v: Any, spec: str) -> str:

@@ -80,7 +80,9 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return _from_local(AutoTokenizer, name)
 
 
-def load_model(name: str, task: str, num_labels: int = 0) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def load_model(
+    name: str, task: str, num_labels: int = 0
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Base model + tokenizer for ``task`` ('classification' or 'causal-lm'), on the CPU."""
     if task == "classification":
         if num_labels < 2:
@@ -88,9 +90,7 @@ def load_model(name: str, task: str, num_labels: int = 0) -> tuple[nn.Module, Pr
         if name == "tiny-bert":
             return tiny_bert(num_labels), load_tokenizer(name)
         path: Any = minilm_path() if name == "minilm" else name
-        model = _from_local(
-            AutoModelForSequenceClassification, path, num_labels=num_labels
-        )
+        model = _from_local(AutoModelForSequenceClassification, path, num_labels=num_labels)
         return model, load_tokenizer(name)
     if task == "causal-lm":
         from fedtune import lm
@@ -122,7 +122,7 @@ def tiny_bert(num_labels: int) -> nn.Module:
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=128,
-        num_labels=num_labels,
+        num_labels=num_labels,  # type: ignore[call-arg]  # a PretrainedConfig kwarg
     )
     # construction draws from torch's global RNG; fork it so the caller's stream is untouched,
     # then overwrite every weight from our portable stream

@@ -176,7 +176,9 @@ def corrupt(delta: Tensors, how: str, scale: float, key: int) -> Tensors:
         return {k: scale * v for k, v in delta.items()}
     if how == "noise":
         norm = sum(float(v.pow(2).sum()) for v in delta.values()) ** 0.5
-        out = {k: rng.normal(key, i, v.numel()).view_as(v) for i, (k, v) in enumerate(delta.items())}
+        out = {
+            k: rng.normal(key, i, v.numel()).view_as(v) for i, (k, v) in enumerate(delta.items())
+        }
         nn_ = sum(float(v.pow(2).sum()) for v in out.values()) ** 0.5 or 1.0
         return {k: v * (scale * norm / nn_) for k, v in out.items()}
     raise ValueError(f"unknown attack {how!r}")
@@ -226,7 +228,9 @@ def _zo_round(
     }
 
 
-def evaluate_state(cfg: Config, state: Tensors, *, on: str = "test", partition_id: int = -1) -> dict[str, float]:
+def evaluate_state(
+    cfg: Config, state: Tensors, *, on: str = "test", partition_id: int = -1
+) -> dict[str, float]:
     """Evaluate the model with adapter ``state`` on the held-out test set (or a client's data)."""
     fed = federation(cfg)
     wb = workbench(cfg, fed)
@@ -257,7 +261,9 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def generate(cfg: Config, state: Tensors, n: int = 3, max_new_tokens: int = 32) -> list[tuple[str, str]]:
+def generate(
+    cfg: Config, state: Tensors, n: int = 3, max_new_tokens: int = 32
+) -> list[tuple[str, str]]:
     """Greedy answers of the model with adapter ``state`` to the first ``n`` held-out prompts."""
     from fedtune.lm import generate_samples
 
@@ -265,4 +271,6 @@ def generate(cfg: Config, state: Tensors, n: int = 3, max_new_tokens: int = 32) 
     wb = workbench(cfg, fed)
     adapters.load_trainable_state(wb.model, state)
     prompts = [str(p) for p in fed.test["prompt"][:n]]
-    return list(zip(prompts, generate_samples(wb.model, wb.tokenizer, prompts, max_new_tokens), strict=True))
+    return list(
+        zip(prompts, generate_samples(wb.model, wb.tokenizer, prompts, max_new_tokens), strict=True)
+    )

@@ -85,5 +85,10 @@ def table() -> str:
 if __name__ == "__main__":
     doc = ROOT / "docs" / "configuration.md"
     text = doc.read_text()
-    new = re.sub(r"<!-- keys:start -->.*<!-- keys:end -->", lambda _: f"<!-- keys:start -->\n{table()}\n<!-- keys:end -->", text, flags=re.S)
+    new = re.sub(
+        r"<!-- keys:start -->.*<!-- keys:end -->",
+        lambda _: f"<!-- keys:start -->\n{table()}\n<!-- keys:end -->",
+        text,
+        flags=re.S,
+    )
     doc.write_text(new)

@@ -72,8 +72,18 @@ def main(grid: Grid, context: Context) -> None:
         strategy.server_opt.load_state_dict(ck.server_opt)
         metrics.truncate_after(ck.round)  # rows evaluated after the checkpoint are redone
         log(INFO, "fedtune: resuming %s after round %d", run_dir, ck.round)
-    log(INFO, "fedtune: run folder %s; %d clients: %s", run_dir, len(fed.clients), ", ".join(fed.client_names))
-    log(INFO, "fedtune: majority-class baseline on the held-out split: %.4f", pipeline.majority_baseline(fed))
+    log(
+        INFO,
+        "fedtune: run folder %s; %d clients: %s",
+        run_dir,
+        len(fed.clients),
+        ", ".join(fed.client_names),
+    )
+    log(
+        INFO,
+        "fedtune: majority-class baseline on the held-out split: %.4f",
+        pipeline.majority_baseline(fed),
+    )
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         res = pipeline.evaluate_state(cfg, record_to_state(arrays))
@@ -94,7 +104,10 @@ def main(grid: Grid, context: Context) -> None:
             samples = pipeline.generate(cfg, record_to_state(arrays), n=3)
             with (run_dir / "generations.jsonl").open("a") as f:
                 for prompt, answer in samples:
-                    f.write(json.dumps({"round": server_round, "prompt": prompt, "answer": answer}) + "\n")
+                    f.write(
+                        json.dumps({"round": server_round, "prompt": prompt, "answer": answer})
+                        + "\n"
+                    )
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, int | float)})
 
     def save(server_round: int, arrays: ArrayRecord) -> None:

@@ -34,7 +34,9 @@ def _kv(d: dict[str, Any]) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in d.items())
 
 
-def run_one(name: str, overrides: dict[str, Any], out_dir: Path, flwr_home: str | None) -> dict[str, Any]:
+def run_one(
+    name: str, overrides: dict[str, Any], out_dir: Path, flwr_home: str | None
+) -> dict[str, Any]:
     """One configuration end to end; returns its metrics rows and wall time."""
     cfg = {**overrides, "output-dir": str(out_dir), "run-name": name}
     args = ["-c", _kv(cfg)] + (["--flwr-home", flwr_home] if flwr_home else [])
@@ -136,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("configs", nargs="+", help="override TOML files (first one is the baseline)")
     ap.add_argument("--common", action="append", default=[], help="overrides for every config")
-    ap.add_argument("--per", action="append", default=[], help="NAME:key=value overrides for one config")
+    ap.add_argument(
+        "--per", action="append", default=[], help="NAME:key=value overrides for one config"
+    )
     ap.add_argument("--target", type=float, default=None)
     ap.add_argument("--name", default="default", help="report section name")
     ap.add_argument("--out", default=str(ROOT / "simulations" / "out"))

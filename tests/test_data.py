@@ -18,7 +18,9 @@ def _ids(ds):
 
 @pytest.mark.parametrize("how", ["iid", "dirichlet"])
 def test_partitions_are_disjoint_and_cover_the_pool(tmp_path, how):
-    ds, names = load_table(str(write_sentiment_csv(tmp_path / "d.csv", 300)), "sentence", "sentiment")
+    ds, names = load_table(
+        str(write_sentiment_csv(tmp_path / "d.csv", 300)), "sentence", "sentiment"
+    )
     assert names == ["negative", "neutral", "positive"]
     pool, test = split_test(ds, 0.1, 1000, key=7)
     assert len(test) == 30 and len(pool) == 270

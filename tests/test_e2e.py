@@ -17,7 +17,9 @@ def _kv(cfg: dict) -> str:
 
 
 @pytest.mark.slow
-def test_two_round_simulation_saves_a_peft_adapter_that_reproduces_accuracy(tiny_run_config, tmp_path, capsys):
+def test_two_round_simulation_saves_a_peft_adapter_that_reproduces_accuracy(
+    tiny_run_config, tmp_path, capsys
+):
     rc = launch(["-c", _kv(tiny_run_config), "--flwr-home", str(tmp_path / "flwr-home")])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -42,7 +44,9 @@ def test_two_round_simulation_saves_a_peft_adapter_that_reproduces_accuracy(tiny
     model = PeftModel.from_pretrained(tiny_bert(fed.num_labels), str(runs[0] / "adapter"))
     wb = pipeline.workbench(cfg, fed)
     res = evaluate_classifier(
-        model, eval_batches(fed.test, collate_for("classification", wb.tokenizer, cfg.max_length), 16), torch.device("cpu")
+        model,
+        eval_batches(fed.test, collate_for("classification", wb.tokenizer, cfg.max_length), 16),
+        torch.device("cpu"),
     )
     assert res["accuracy"] == pytest.approx(rows[-1]["test-accuracy"], abs=1e-9)
     assert res["loss"] == pytest.approx(rows[-1]["test-loss"], rel=1e-4)
@@ -57,7 +61,14 @@ def test_bad_config_stops_with_one_line_before_flower_starts(tmp_path, capsys):
 
 
 def test_missing_data_file_stops_with_one_line(tmp_path, capsys):
-    rc = launch(["-c", "dataset='file' data-path='/no/such.csv' partitioning='iid' num-partitions=2", "--flwr-home", str(tmp_path / "h")])
+    rc = launch(
+        [
+            "-c",
+            "dataset='file' data-path='/no/such.csv' partitioning='iid' num-partitions=2",
+            "--flwr-home",
+            str(tmp_path / "h"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "/no/such.csv" in err and "does not exist" in err
 
@@ -87,17 +98,25 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_run_config, t
     b = load_file(str(runs / "part" / "checkpoint" / "adapter.safetensors"))
     assert list(a) == list(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    rows = [json.loads(x)["round"] for x in (runs / "part" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x)["round"] for x in (runs / "part" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rows == [0, 1, 2, 3]
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path):
     from fedtune import checkpoint
 
-    ck = checkpoint.Checkpoint(1, 0, {"lr": 0.1, "num-rounds": 2}, {"w": torch.zeros(2)}, {"step": 1}, {})
+    ck = checkpoint.Checkpoint(
+        1, 0, {"lr": 0.1, "num-rounds": 2}, {"w": torch.zeros(2)}, {"step": 1}, {}
+    )
     checkpoint.save(tmp_path, ck)
     back = checkpoint.load(tmp_path)
-    assert back.round == 1 and torch.equal(back.adapter["w"], torch.zeros(2)) and back.server_opt["step"] == 1
+    assert (
+        back.round == 1
+        and torch.equal(back.adapter["w"], torch.zeros(2))
+        and back.server_opt["step"] == 1
+    )
     checkpoint.check_compatible(back.config, {"lr": 0.1, "num-rounds": 5})
     with pytest.raises(checkpoint.CheckpointError, match="lr"):
         checkpoint.check_compatible(back.config, {"lr": 0.2, "num-rounds": 2})

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedtune import codecs
-from fedtune.fl.records import payload_to_record, record_to_state, state_to_record
+from fedtune.fl.records import record_to_state, state_to_record
 from tests.test_strategy import _configure, _delta, _reply, _strategy, _task_identity  # noqa: F401
 
 PROJECTION = ["dense", "gaussian", "rademacher", "srht", "countsketch"]
@@ -36,7 +36,10 @@ def _payload(name, s, node=101, rnd=1, delta=None):
         pytest.param(lambda p: b"", id="empty"),
         pytest.param(lambda p: p[:4] + bytes([p[4] ^ 0x7F]) + p[5:], id="version-byte"),
         pytest.param(lambda p: p[:-1] + bytes([p[-1] ^ 1]), id="crc-bit"),
-        pytest.param(lambda p: p[: len(p) // 2] + bytes([p[len(p) // 2] ^ 0x10]) + p[len(p) // 2 + 1 :], id="body-bit"),
+        pytest.param(
+            lambda p: p[: len(p) // 2] + bytes([p[len(p) // 2] ^ 0x10]) + p[len(p) // 2 + 1 :],
+            id="body-bit",
+        ),
         pytest.param(lambda p: b"\xff" * len(p), id="garbage"),
     ],
 )
@@ -103,14 +106,21 @@ def test_missing_records_and_bad_metrics():
         _reply(101, None),
     ]
     extra = _reply(101, good)
-    extra.content = RecordDict({"arrays": state_to_record({"x": torch.zeros(2)}), "metrics": MetricRecord({"num-examples": 3})})
+    extra.content = RecordDict(
+        {
+            "arrays": state_to_record({"x": torch.zeros(2)}),
+            "metrics": MetricRecord({"num-examples": 3}),
+        }
+    )
     cases.append(extra)  # float arrays instead of a payload
     for r in cases:
         arrays, _ = s.aggregate_train(1, [r])
         assert arrays is None and "101" in s.history[-1].dropped
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     name=st.sampled_from(PROJECTION),
     edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
@@ -136,7 +146,10 @@ def test_configure_issues_fresh_messages_each_round():
     s, spec = _strategy()
     m1 = _configure(s, spec, rnd=1)
     m2 = _configure(s, spec, rnd=2)
-    assert m1[101].content["config"]["server-round"] == 1 and m2[101].content["config"]["server-round"] == 2
+    assert (
+        m1[101].content["config"]["server-round"] == 1
+        and m2[101].content["config"]["server-round"] == 2
+    )
     assert isinstance(m1[101].content["config"], ConfigRecord)
     np.testing.assert_array_equal(
         record_to_state(m1[101].content["arrays"])["a"].numpy(), np.zeros((2, 3), dtype=np.float32)

@@ -94,7 +94,9 @@ def test_keys_are_per_client_deterministic_and_issued_in_config():
     assert len(set(keys.values())) == 3
     assert all(keys[n] == s.client_key(1, slots[n]) for n in NODES)
     s2, _ = _strategy()
-    assert {n: key_from_config(m.content["config"]) for n, m in _configure(s2, spec).items()} == keys
+    assert {
+        n: key_from_config(m.content["config"]) for n, m in _configure(s2, spec).items()
+    } == keys
     assert key_from_config(_configure(s2, spec, rnd=2)[101].content["config"]) != keys[101]
 
 
@@ -113,7 +115,9 @@ def test_slots_follow_reported_partition_ids_and_duplicates_fall_back():
 def test_too_few_nodes_gives_an_empty_round_instead_of_hanging():
     s, spec = _strategy()
     s.node_wait = 0.1
-    assert list(s.configure_train(1, state_to_record(spec), ConfigRecord({}), _grid(nodes=[5]))) == []
+    assert (
+        list(s.configure_train(1, state_to_record(spec), ConfigRecord({}), _grid(nodes=[5]))) == []
+    )
 
 
 def test_fraction_sampling_is_keyed_and_reproducible():
@@ -122,7 +126,9 @@ def test_fraction_sampling_is_keyed_and_reproducible():
     for _ in range(2):
         s, spec = _strategy()
         s.fraction_train = 0.3
-        msgs = list(s.configure_train(4, state_to_record(spec), ConfigRecord({}), _grid(nodes=nodes)))
+        msgs = list(
+            s.configure_train(4, state_to_record(spec), ConfigRecord({}), _grid(nodes=nodes))
+        )
         picks.append(sorted(m.metadata.dst_node_id for m in msgs))
     assert len(picks[0]) == 3 and picks[0] == picks[1]
 
@@ -132,7 +138,9 @@ def test_fedavg_aggregation_hand_computed():
     _configure(s, spec)
     codec = codecs.get("dense")
     replies = [
-        _reply(n, codec.encode(_delta(v), s.issued[n][1], round=1, slot=s.issued[n][0]), n=w, loss=lo)
+        _reply(
+            n, codec.encode(_delta(v), s.issued[n][1], round=1, slot=s.issued[n][0]), n=w, loss=lo
+        )
         for n, v, w, lo in [(101, 1.0, 10, 1.0), (202, 4.0, 30, 0.2), (303, -2.0, 60, 0.4)]
     ]
     arrays, metrics = s.aggregate_train(1, replies)
@@ -157,7 +165,7 @@ def test_invalid_replies_are_dropped_with_reasons_and_the_rest_merged():
         _reply(303, None, error=True),  # client raised
         _reply(999, good, n=5),  # not sampled this round
     ]
-    arrays, metrics = s.aggregate_train(1, replies)
+    arrays, _metrics = s.aggregate_train(1, replies)
     np.testing.assert_allclose(record_to_state(arrays)["a"].numpy(), 2.0)
     stats = s.history[-1]
     assert stats.valid == 1 and set(stats.dropped) == {"202", "303", "999"}

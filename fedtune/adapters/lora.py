@@ -46,7 +46,9 @@ class LoRA:
 
     def attach(self, model: nn.Module, key: int) -> nn.Module:
         """Wrap ``model`` with PEFT LoRA, initialised from ``key``; base weights frozen."""
-        linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        linear_names = {
+            n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)
+        }
         missing = [t for t in self.target_modules if t not in linear_names]
         if missing:
             raise ValueError(

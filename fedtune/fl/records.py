@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 PAYLOAD = "payload"
 
@@ -19,7 +19,10 @@ class RecordError(ValueError):
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """fp32 CPU tensors -> ArrayRecord keyed by tensor name (bf16 cannot pass numpy)."""
     return ArrayRecord(
-        {k: Array(v.detach().to("cpu", torch.float32).contiguous().numpy()) for k, v in state.items()}
+        {
+            k: Array(v.detach().to("cpu", torch.float32).contiguous().numpy())
+            for k, v in state.items()
+        }
     )
 
 
@@ -47,7 +50,9 @@ def record_to_payload(record: ArrayRecord) -> bytes:
         raise RecordError(f"reply carries {len(record)} arrays; expected only '{PAYLOAD}'")
     a = record[PAYLOAD].numpy()
     if a.dtype != np.uint8 or a.ndim != 1:
-        raise RecordError(f"'{PAYLOAD}' must be a 1-D uint8 array, got {a.dtype} with shape {a.shape}")
+        raise RecordError(
+            f"'{PAYLOAD}' must be a 1-D uint8 array, got {a.dtype} with shape {a.shape}"
+        )
     return a.tobytes()
 
 
@@ -61,3 +66,26 @@ def key_from_config(config: ConfigRecord, name: str = "key") -> int:
     if not isinstance(raw, bytes) or len(raw) != 8:
         raise RecordError(f"train config has no valid '{name}' (8 bytes), got {raw!r}")
     return int.from_bytes(raw, "little")
+
+
+def metrics_record(values: Mapping[str, int | float]) -> MetricRecord:
+    """A MetricRecord from plain numbers (bools are not numbers here: Flower rejects them)."""
+    clean: dict[str, int | float | list[int] | list[float]] = {}
+    for k, v in values.items():
+        clean[k] = float(v) if isinstance(v, bool) else v
+    return MetricRecord(clean)
+
+
+def train_inputs(msg: Message) -> tuple[dict[str, torch.Tensor], ConfigRecord]:
+    """The global adapter and the config of a train message, or a RecordError."""
+    content = msg.content
+    if "arrays" not in content.array_records or "config" not in content.config_records:
+        raise RecordError("train message lacks the 'arrays' or 'config' record")
+    return record_to_state(content.array_records["arrays"]), content.config_records["config"]
+
+
+def config_int(config: ConfigRecord, name: str) -> int:
+    v = config.get(name)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise RecordError(f"train config has no integer '{name}', got {v!r}")
+    return v

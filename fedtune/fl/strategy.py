@@ -31,6 +31,7 @@ from fedtune import rng
 from fedtune.fl.records import (
     RecordError,
     key_to_config,
+    metrics_record,
     record_to_payload,
     record_to_state,
     state_to_record,
@@ -167,7 +168,9 @@ class FedTuneStrategy(FedAvg):
         by_slot = sorted(nodes, key=lambda n: self.slots[n])
         k = min(len(by_slot), max(int(len(by_slot) * self.fraction_train), self.min_train_nodes))
         if k < len(by_slot):
-            pick = rng.choice(rng.derive_key(self.run_seed, server_round, _SAMPLE_TAG), 0, len(by_slot), k)
+            pick = rng.choice(
+                rng.derive_key(self.run_seed, server_round, _SAMPLE_TAG), 0, len(by_slot), k
+            )
             by_slot = [by_slot[i] for i in sorted(pick.tolist())]
         self.issued = {}
         messages = []
@@ -187,7 +190,9 @@ class FedTuneStrategy(FedAvg):
                     dst_node_id=node_id,
                 )
             )
-        self._stats = RoundStats(server_round, sampled=len(messages), bytes_down=down * len(messages))
+        self._stats = RoundStats(
+            server_round, sampled=len(messages), bytes_down=down * len(messages)
+        )
         log(INFO, "round %d: sampled %d of %d nodes", server_round, len(messages), len(nodes))
         return messages
 
@@ -230,7 +235,11 @@ class FedTuneStrategy(FedAvg):
                 if not msg.has_error() and "arrays" in msg.content.array_records:
                     stats.bytes_up += msg.content.array_records["arrays"].count_bytes()
                 delta, w, loss = self.decode_reply(server_round, msg)
-            except (ValueError, KeyError, TypeError) as e:  # PayloadError / RecordError are ValueErrors
+            except (
+                ValueError,
+                KeyError,
+                TypeError,
+            ) as e:  # PayloadError / RecordError are ValueErrors
                 reason = f"{type(e).__name__}: {e}"
                 stats.dropped[str(node)] = reason
                 log(WARNING, "round %d: dropped reply from node %s: %s", server_round, node, reason)
@@ -281,7 +290,7 @@ class FedTuneStrategy(FedAvg):
         }
         if math.isfinite(stats.train_loss):
             m["train-loss"] = stats.train_loss
-        return MetricRecord(m)
+        return metrics_record(m)
 
     def summary(self) -> None:
         log(

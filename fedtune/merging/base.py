@@ -132,7 +132,8 @@ class FlatLayout:
                 )
             if t.device != self.device:
                 raise ValueError(f"{what}[{name!r}] is on {t.device}, expected {self.device}")
-            if not bool(torch.isfinite(t).all()):
+            # One float64 reduction (no temporary): NaN/Inf propagate, finite fp32 cannot overflow.
+            if not math.isfinite(float(t.sum(dtype=torch.float64))):
                 raise ValueError(f"{what}[{name!r}] contains NaN or Inf")
 
     def flat(self, delta: Delta) -> list[Tensor]:
