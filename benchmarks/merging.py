@@ -86,14 +86,19 @@ def worker(impl: str, n: int, d: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     shapes = _shapes(d)
     deltas = [
-        {f"layer{i}.{'A' if len(s) == 2 and s[0] == 8 else 'B'}": torch.randn(*s, generator=g) for i, s in enumerate(shapes)}
+        {
+            f"layer{i}.{'A' if len(s) == 2 and s[0] == 8 else 'B'}": torch.randn(*s, generator=g)
+            for i, s in enumerate(shapes)
+        }
         for _ in range(n)
     ]
     weights = [1.0] * n
-    tiny = [{"a": torch.randn(64, 64, generator=g), "b": torch.randn(100, generator=g)} for _ in range(3)]
+    tiny = [
+        {"a": torch.randn(64, 64, generator=g), "b": torch.randn(100, generator=g)}
+        for _ in range(3)
+    ]
     _run(impl, tiny, [1.0] * 3)
-    if impl == "peft ties flat":  # warm the concatenation path at the real size too
-        del tiny
+    del tiny
     gc.collect()
     base_kb = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
@@ -115,10 +120,20 @@ def _mem_available_mb() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small d only (1e5, 1e6)")
-    ap.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
+    ap.add_argument(
+        "--no-write", action="store_true", help="print, do not update docs/benchmarks.md"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads in each worker (default 1: on a shared machine parallel regions "
+        "make timings of both sides erratic)",
+    )  # fmt: skip
     ap.add_argument("--worker", nargs=3, metavar=("IMPL", "N", "D"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
         impl, n, d = args.worker[0], int(args.worker[1]), int(args.worker[2])
         print(json.dumps(worker(impl, n, d)))
         return
@@ -134,7 +149,16 @@ def main() -> None:
                 rows.append((n, d, impl, None, f"skipped: needs ~{need_mb:.0f} MB"))
                 print(f"n={n} d={d:.0e} {impl}: skipped (memory)", flush=True)
                 continue
-            cmd = [sys.executable, __file__, "--worker", impl, str(n), str(d)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--threads",
+                str(args.threads),
+                "--worker",
+                impl,
+                str(n),
+                str(d),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             if res.returncode != 0:
                 rows.append((n, d, impl, None, f"failed: {res.stderr.strip().splitlines()[-1:]}"))
@@ -142,7 +166,9 @@ def main() -> None:
                 continue
             r = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append((n, d, impl, r, ""))
-            print(f"n={n} d={d:.0e} {impl}: {r['time_s']:.2f} s, +{r['extra_mb']:.0f} MB", flush=True)
+            print(
+                f"n={n} d={d:.0e} {impl}: {r['time_s']:.2f} s, +{r['extra_mb']:.0f} MB", flush=True
+            )
 
     ref: dict[tuple[int, int], dict[str, float]] = {
         (n, d): r for n, d, impl, r, _ in rows if impl == "peft ties per-tensor" and r
@@ -151,7 +177,8 @@ def main() -> None:
         "## Merging: streaming TIES vs PEFT `ties`",
         "",
         f"`python benchmarks/merging.py{' --quick' if args.quick else ''}` — CPU, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads, density {DENSITY}, equal weights, "
+        f"{torch.__version__}, {args.threads} torch thread(s) per run, {os.cpu_count()} cores shared "
+        f"with other jobs (load average {os.getloadavg()[0]:.1f} at the end), density {DENSITY}, equal weights, "
         "LoRA-shaped deltas (8×4096 / 4096×8 tensors). One fresh subprocess per row; *peak extra* = "
         "peak RSS (`VmHWM`, reset through `/proc/self/clear_refs`) minus RSS after the inputs were "
         "built, so it includes the d-float result; *×d* = peak extra / (4·d bytes). "
@@ -163,7 +190,9 @@ def main() -> None:
     ]
     for n, d, impl, r, note in rows:
         if r is None:
-            lines.append(f"| {n} | {d:.0e} | {impl} | – | – | – | – | {n * d * 4 / 2**20:.0f} | {note}")
+            lines.append(
+                f"| {n} | {d:.0e} | {impl} | – | – | – | – | {n * d * 4 / 2**20:.0f} | {note}"
+            )
             continue
         base = ref.get((n, d))
         ratio = f"{r['time_s'] / base['time_s']:.2f}" if base else "–"

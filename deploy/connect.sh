@@ -18,7 +18,7 @@ while [[ $# -gt 0 ]]; do
     --superlink) superlink="$2"; shift 2 ;;
     --name) name="$2"; shift 2 ;;
     --insecure) insecure=1; shift ;;
-    -h | --help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h | --help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
     esac
 done

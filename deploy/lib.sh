@@ -93,3 +93,8 @@ write_connection() {
 cli_home() {
     echo "$HOME_DIR/cli"
 }
+
+# usage: print the comment block at the top of the calling script.
+usage() {
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+}

@@ -26,7 +26,7 @@ while [[ $# -gt 0 ]]; do
     --supernodes) supernodes="$2"; shift 2 ;;
     --days) days="$2"; shift 2 ;;
     --force) force=1; shift ;;
-    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h | --help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
     esac
 done

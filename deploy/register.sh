@@ -10,7 +10,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-[[ "${1:-}" == -h || "${1:-}" == --help ]] && { sed -n '2,9p' "$0"; exit 0; }
+[[ "${1:-}" == -h || "${1:-}" == --help ]] && { usage; exit 0; }
 need flwr
 home="$(cli_home)"
 [[ -f "$home/config.toml" ]] || die "no CLI connection; run deploy/connect.sh first"

@@ -2,6 +2,7 @@
 # Submit a fedtune run to the SuperLink and follow its log (operator's machine).
 #
 #   deploy/run.sh [--name fedtune] [--app DIR] [--detach] [-c "k=v ..." | -c FILE.toml]...
+#                 [--federation-config "num-supernodes=N ..."]   (simulation SuperLinks only)
 #
 # = `flwr run <app> <name> --stream --run-config ...` with the CLI connection written by
 # connect.sh. The app (default: this repository) is packed into a bundle and sent to the
@@ -25,7 +26,8 @@ while [[ $# -gt 0 ]]; do
     --app) app="$2"; shift 2 ;;
     --detach) detach=1; shift ;;
     -c | --run-config) overrides+=(--run-config "$2"); shift 2 ;;
-    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+    --federation-config) overrides+=(--federation-config "$2"); shift 2 ;;
+    -h | --help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
     esac
 done

@@ -9,7 +9,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-[[ "${1:-}" == -h || "${1:-}" == --help ]] && { sed -n '2,8p' "$0"; exit 0; }
+[[ "${1:-}" == -h || "${1:-}" == --help ]] && { usage; exit 0; }
 names=("$@")
 if [[ ${#names[@]} -eq 0 ]]; then
     shopt -s nullglob
@@ -51,6 +51,11 @@ for n in "${names[@]}"; do
     [[ "$pid" =~ ^[0-9]+$ ]] || { note "bad PID file $f"; continue; }
     if ! kill -0 "$pid" 2>/dev/null; then
         note "$n (PID $pid) was not running"
+        continue
+    fi
+    # a PID file left from long ago may name a PID that now belongs to something else
+    if ! ps -o args= -p "$pid" | grep -q -E 'flower-super(link|node)'; then
+        note "PID $pid of $n is no longer a Flower process; not touching it"
         continue
     fi
     # shellcheck disable=SC2207

@@ -14,7 +14,9 @@
 # node); the ClientApp then sees that GPU as cuda:0.
 # Default: TLS (verifies the SuperLink with certs/ca.crt) and authentication with the private
 # key keys/supernode-N, whose public half must be registered (deploy/register.sh).
-# PID in pids/<name>.pid, log in logs/<name>.log.
+# Returns once the SuperLink has accepted the node (fails if the node exits first, e.g. for an
+# unregistered key; returns with a note if it is still retrying after $FEDTUNE_START_TIMEOUT
+# seconds, default 60). PID in pids/<name>.pid, log in logs/<name>.log.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -42,7 +44,7 @@ while [[ $# -gt 0 ]]; do
     --runtime-port) runtime_port="$2"; shift 2 ;;
     --name) name="$2"; shift 2 ;;
     --max-retries) max_retries="$2"; shift 2 ;;
-    -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h | --help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -76,3 +78,21 @@ fi
 cd "$REPO_ROOT"
 start_bg "$name" flower-supernode "${args[@]}"
 note "$name: node config '$node_config'${gpu:+, CUDA_VISIBLE_DEVICES=$gpu}"
+
+# Wait until the SuperLink has accepted the node (its log then names its node id), so that a
+# refused key or a TLS problem shows up here and not at the first round.
+limit="${FEDTUNE_START_TIMEOUT:-60}"
+log="$LOG_DIR/$name.log"
+for ((t = 0; t < limit * 2; t++)); do
+    if grep -q "SuperNode ID:" "$log"; then
+        note "$name joined the SuperLink ($(grep -m1 -o 'SuperNode ID: [0-9]*' "$log"))"
+        exit 0
+    fi
+    if ! kill -0 "$(cat "$PID_DIR/$name.pid")" 2>/dev/null; then
+        grep -v '^\s*$' "$log" | tail -n 25 >&2 || true
+        rm -f "$PID_DIR/$name.pid"
+        die "$name exited without joining the SuperLink (log above)"
+    fi
+    sleep 0.5
+done
+note "$name has not joined after ${limit}s; it keeps retrying (is the SuperLink up?). Log: $log"

@@ -51,25 +51,71 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def stop_superlink(flwr_home: Path) -> int:
-    """Kill every process whose command line mentions ``flwr_home`` (the local SuperLink and
-    the simulation it spawned), by process group. Returns how many were signalled."""
-    killed = 0
-    me = os.getpid()
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process we can read."""
+    table: dict[int, tuple[int, str]] = {}
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
+        if not proc.name.isdigit():
             continue
         try:
+            stat = (proc / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
-        if str(flwr_home) in cmd and "flower-superlink" in cmd:
+        table[int(proc.name)] = (ppid, cmd)
+    return table
+
+
+def stop_superlink(flwr_home: Path, grace: float = 5.0) -> int:
+    """Stop the local SuperLink started for ``flwr_home`` and everything it spawned.
+
+    The SuperLink is found by ``flwr_home`` in its command line (its database lives there);
+    its descendants (the simulation process, Ray's GCS, raylet and client actors) start their
+    own process groups, so we collect the whole tree first, then SIGTERM every group and
+    SIGKILL what is still alive after ``grace`` seconds. Returns how many processes were found.
+    """
+    table = _process_table()
+    roots = [
+        pid
+        for pid, (_, cmd) in table.items()
+        if pid != os.getpid() and "flower-superlink" in cmd and str(flwr_home) in cmd
+    ]
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo.extend(children.get(pid, []))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in tree if Path(f"/proc/{p}").exists()]
+        if not alive:
+            break
+        for pid in alive:
             try:
-                os.killpg(os.getpgid(int(proc.name)), signal.SIGTERM)
-                killed += 1
+                os.killpg(os.getpgid(pid), sig)
             except (ProcessLookupError, PermissionError):
-                pass
-    return killed
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        deadline = time.monotonic() + grace
+        while sig == signal.SIGTERM and time.monotonic() < deadline:
+            if all(_state(p) in ("", "Z") for p in alive):
+                break
+            time.sleep(0.2)
+    return len(tree)
+
+
+def _state(pid: int) -> str:
+    """The process state letter ('R', 'S', 'Z', ...), or '' when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def write_federation(flwr_home: Path, num_supernodes: int, num_cpus: int) -> None:

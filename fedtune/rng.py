@@ -245,9 +245,13 @@ def rademacher(
         bits_np = np.unpackbits(w.numpy().astype("<u4").view(np.uint8), bitorder="little")
         signs = 1.0 - 2.0 * bits_np[start : start + n].astype(np.float32)
         return torch.from_numpy(signs)
-    shifts = torch.arange(32, dtype=torch.int64, device=dev)
-    bits = ((w[:, None] >> shifts) & 1).reshape(-1)
-    bits = bits[start : start + n]
+    return _signs_torch(w, start, n)
+
+
+def _signs_torch(w: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Torch path of :func:`rademacher`: bit i % 32 of word i // 32, from ``start``."""
+    shifts = torch.arange(32, dtype=torch.int64, device=w.device)
+    bits = ((w[:, None] >> shifts) & 1).reshape(-1)[start : start + n]
     return (1 - 2 * bits).to(torch.float32)
 
 

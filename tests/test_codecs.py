@@ -329,3 +329,20 @@ def test_error_feedback_checks_names() -> None:
         ef.apply({"b": torch.ones(3)})
     with pytest.raises(ValueError, match="finite"):
         ef.load_state_dict({"a": torch.tensor([float("inf")])})
+
+
+def test_fwht_numpy_and_torch_paths_are_bit_identical() -> None:
+    from fedtune.codecs.srht import _fwht_torch
+
+    for n in (1, 2, 8, 32, 2048, 1 << 15):
+        x = torch.randn(3, n)
+        assert torch.equal(fwht(x), _fwht_torch(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_srht_encode_on_cuda_equals_cpu() -> None:
+    """SRHT uses only exact butterflies and portable randomness: the payload is bit-identical."""
+    delta = make_delta(8)
+    c = codecs.get("srht", k=50)
+    cuda = {n: t.cuda() for n, t in delta.items()}
+    assert c.encode(delta, 17) == c.encode(cuda, 17)

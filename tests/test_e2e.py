@@ -25,6 +25,16 @@ def test_two_round_simulation_saves_a_peft_adapter_that_reproduces_accuracy(
     assert rc == 0, out
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
+    # nothing of the run is left behind: SuperLink, simulation process, Ray actors
+    from fedtune.launch import _process_table, _state
+
+    left = [
+        cmd
+        for pid, (_, cmd) in _process_table().items()
+        if _state(pid) not in ("", "Z")
+        and (str(tmp_path) in cmd or "flwr-simulation" in cmd or "ray::ClientAppActor" in cmd)
+    ]
+    assert not left, left
     rows = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["valid-replies"] == 3 for r in rows[1:])

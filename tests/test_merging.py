@@ -45,7 +45,7 @@ def test_registry_lists_all_methods() -> None:
 
 
 def test_unknown_method_and_option_fail_fast() -> None:
-    with pytest.raises(RegistryError, match="allowed: .*fedavg.*ties"):
+    with pytest.raises(RegistryError, match=r"allowed: .*fedavg.*ties"):
         merging.get("tie")
     with pytest.raises(RegistryError, match="allowed: density, scale, scope"):
         merging.get("ties", densty=0.2)
@@ -53,6 +53,8 @@ def test_unknown_method_and_option_fail_fast() -> None:
         merging.get("ties", density=1.5)
     with pytest.raises(RegistryError, match="scope"):
         merging.get("ties", scope="row")
+    with pytest.raises(RegistryError, match="normalize"):
+        merging.get("task-arithmetic", normalize="false")
 
 
 def test_protocol_flags() -> None:
@@ -82,7 +84,7 @@ def test_bad_inputs_are_named() -> None:
         m.merge([d[0], bad], [1, 1])
     bad = dict(d[1])
     bad["bias"] = torch.tensor([float("nan"), 0.0])
-    with pytest.raises(ValueError, match="bias.*NaN"):
+    with pytest.raises(ValueError, match=r"bias.*NaN"):
         m.merge([d[0], bad], [1, 1])
     with pytest.raises(ValueError, match="float32"):
         m.merge([{k: v.double() for k, v in d[0].items()}], [1])
@@ -117,12 +119,35 @@ def test_kth_smallest_signed_and_chunk_independent() -> None:
         assert a == b == torch.kthvalue(x, k).values.item()
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(
+            st.floats(-1e30, 1e30, allow_nan=False, width=32),
+            st.sampled_from([0.0, -0.0, 1.0, -1.0]),
+        ),
+        min_size=1,
+        max_size=300,
+    ),
+    data=st.data(),
+)
+def test_kth_smallest_property(values: list[float], data: st.DataObject) -> None:
+    x = torch.tensor(values, dtype=torch.float32)
+    k = data.draw(st.integers(1, x.numel()))
+    step = data.draw(st.integers(1, 64))
+    got = sparsify.kth_smallest(lambda: list(x.split(step)), k)
+    assert got == torch.kthvalue(x, k).values.item()
+    a = x.abs()
+    got_abs = sparsify.kth_smallest(lambda: list(a.split(step)), k, nonneg=True)
+    assert got_abs == torch.kthvalue(a, k).values.item()
+
+
 def test_topk_count_and_threshold_edges() -> None:
     assert sparsify.topk_count(0.2, 10) == 2
     assert sparsify.topk_count(0.29, 100) == 29  # no float floor surprise
     x = torch.tensor([3.0, 0.0, -1.0, 2.0])
     assert sparsify.magnitude_threshold([x], 1.0) is None
-    assert sparsify.magnitude_threshold([x], 0.1).item() == math.inf  # floor(0.4) = 0 kept
+    assert sparsify.magnitude_threshold([x], 0.1) == math.inf  # floor(0.4) = 0 kept
     t = sparsify.magnitude_threshold([x], 0.5)
     assert sparsify.magnitude_mask(x, t).tolist() == [True, False, False, True]
     # zeros are never kept, even when the threshold is 0
@@ -200,7 +225,7 @@ def test_ties_global_vs_tensor_scope() -> None:
 def _paper_ties(flat: torch.Tensor, K: float) -> torch.Tensor:
     """Port of the TIES reference (prateeky2806/ties-merging merge_utils.py): topk + mass
     sign election with the model-wide majority fallback + dis-mean."""
-    n, d = flat.shape
+    _, d = flat.shape
     k = d - int(d * K)
     kth = flat.abs().kthvalue(k, dim=1, keepdim=True).values
     trimmed = flat * (flat.abs() >= kth)
@@ -271,8 +296,8 @@ def test_dare_mask_independent_of_chunking(monkeypatch: pytest.MonkeyPatch) -> N
     d = _deltas(7, 2, {"a": (50, 40), "b": (33,)})
     m = merging.get("dare", drop_rate=0.4, merge="ties", density=0.5)
     a = _cat(m.merge(d, [1, 2], key=5))
-    monkeypatch.setattr("fedtune.merging.dare.chunk_size", lambda d: 97)
-    monkeypatch.setattr("fedtune.merging.ties.chunk_size", lambda d: 101)
+    monkeypatch.setattr("fedtune.merging.dare.chunk_size", lambda d, dev=None: 97)
+    monkeypatch.setattr("fedtune.merging.ties.chunk_size", lambda d, dev=None: 101)
     b = _cat(m.merge(d, [1, 2], key=5))
     assert torch.equal(a, b)
 

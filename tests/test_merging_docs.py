@@ -59,7 +59,7 @@ def test_majority_sign_example(doc_module) -> None:  # type: ignore[no-untyped-d
     d = [{"w": torch.tensor([1.0, -1.0, 0.0])}, {"w": torch.tensor([-2.0, -1.0, 0.0])}]
     # votes: [1 - 2, -1 - 2, 0] with weights [1, 2]
     assert m.merge(d, [1.0, 2.0])["w"].tolist() == [-0.25, -0.25, 0.0]
-    with pytest.raises(RegistryError, match="majority-sign.*scale"):
+    with pytest.raises(RegistryError, match=r"majority-sign.*scale"):
         merging.get("majority-sign", scale=5.0)
 
 
@@ -67,5 +67,9 @@ def test_midrange_example(doc_module) -> None:  # type: ignore[no-untyped-def]
     doc_module("midrange.py")
     m = merging.get("midrange")
     assert not m.streaming
-    d = [{"w": torch.tensor([1.0, 4.0])}, {"w": torch.tensor([3.0, -4.0])}, {"w": torch.tensor([2.0, 0.0])}]
+    d = [
+        {"w": torch.tensor([1.0, 4.0])},
+        {"w": torch.tensor([3.0, -4.0])},
+        {"w": torch.tensor([2.0, 0.0])},
+    ]
     assert m.merge(d, [1, 1, 1])["w"].tolist() == [2.0, 0.0]

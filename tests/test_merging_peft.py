@@ -60,7 +60,9 @@ def _patched_random_pruning(monkeypatch: pytest.MonkeyPatch, dropped: list[torch
     monkeypatch.setattr(merge_utils, "random_pruning", fake)
 
 
-def _our_dropped(d: list[dict[str, torch.Tensor]], p: float, key: int) -> dict[str, list[torch.Tensor]]:
+def _our_dropped(
+    d: list[dict[str, torch.Tensor]], p: float, key: int
+) -> dict[str, list[torch.Tensor]]:
     """Per tensor name, the dropped + rescaled delta of every client as ``dare`` draws it."""
     offsets, off = {}, 0
     for name, s in SHAPES.items():
@@ -76,7 +78,9 @@ def _our_dropped(d: list[dict[str, torch.Tensor]], p: float, key: int) -> dict[s
 
 
 @pytest.mark.parametrize("n", [2, 5])
-def test_dare_ties_matches_peft_given_the_same_masks(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+def test_dare_ties_matches_peft_given_the_same_masks(
+    monkeypatch: pytest.MonkeyPatch, n: int
+) -> None:
     d, p, key = _deltas(10 + n, n), 0.4, 77
     ours = merging.get("dare", drop_rate=p, merge="ties").merge(d, [2.0] * n, key=key)
     dropped = _our_dropped(d, p, key)

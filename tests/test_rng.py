@@ -299,3 +299,11 @@ def test_normal_torch_and_numpy_float_paths_agree() -> None:
 
     ta, tb = rng._box_muller(torch.from_numpy(w_np.view(np.int64)), CpuTorchOps)
     assert np.array_equal(a, ta.numpy()) and np.array_equal(b, tb.numpy())
+
+
+def test_rademacher_torch_path_matches_cpu_path() -> None:
+    key = rng.derive_key(3)
+    for offset, n in [(0, 100), (37, 1000), (64, 31)]:
+        first, last = offset >> 5, (offset + n + 31) >> 5
+        w = rng._words(key, 6, rng._TAG_SIGN, last - first, first, None)
+        assert torch.equal(rng._signs_torch(w, offset & 31, n), rng.rademacher(key, 6, n, offset))

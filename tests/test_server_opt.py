@@ -19,7 +19,7 @@ def test_names_and_errors() -> None:
     assert {"none", "sgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad"} <= set(
         merging.server_opt_names()
     )
-    with pytest.raises(RegistryError, match="allowed: .*fedadam"):
+    with pytest.raises(RegistryError, match=r"allowed: .*fedadam"):
         merging.get_server_opt("adam")
     with pytest.raises(RegistryError, match="allowed: beta1, lr, tau, v_init"):
         merging.get_server_opt("fedadagrad", beta2=0.9)
@@ -48,7 +48,9 @@ def test_fedavgm_two_steps() -> None:
     assert x["w"].tolist() == pytest.approx([2.9])
 
 
-def _adaptive_reference(kind: str, deltas: list[float], lr: float, b1: float, b2: float, tau: float) -> float:
+def _adaptive_reference(
+    kind: str, deltas: list[float], lr: float, b1: float, b2: float, tau: float
+) -> float:
     """Scalar Reddi et al. Alg. 2 with v_{-1} = tau^2, written out by hand."""
     x, m, v = 0.0, 0.0, tau**2
     for d in deltas:
@@ -106,7 +108,9 @@ def test_state_dict_round_trip(kind: str) -> None:
     a = merging.get_server_opt(kind)
     x = {"p": torch.zeros(3), "q": torch.zeros(2, 2)}
     g = torch.Generator().manual_seed(0)
-    steps = [{"p": torch.randn(3, generator=g), "q": torch.randn(2, 2, generator=g)} for _ in range(3)]
+    steps = [
+        {"p": torch.randn(3, generator=g), "q": torch.randn(2, 2, generator=g)} for _ in range(3)
+    ]
     x = a.step(x, steps[0])
     x = a.step(x, steps[1])
     sd = a.state_dict()
@@ -127,7 +131,9 @@ def test_state_dict_round_trip(kind: str) -> None:
 def test_composes_with_every_merger(opt_name: str) -> None:
     g = torch.Generator().manual_seed(1)
     glob = {"a": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)}
-    deltas = [{k: torch.randn(v.shape, generator=g) * 0.1 for k, v in glob.items()} for _ in range(4)]
+    deltas = [
+        {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in glob.items()} for _ in range(4)
+    ]
     for name in merging.names():
         opt = merging.get_server_opt(opt_name)
         merged = merging.aggregate(merging.get(name), deltas, [1, 2, 3, 4], key=5)

@@ -131,6 +131,18 @@ class ProjectionCodec(Codec):
         """The unbiased estimate ``c Aᵀ y`` (length d, fp32 CPU)."""
         raise NotImplementedError
 
+    def project_blocks(
+        self, items: list[tuple[torch.Tensor, int, int]], key: int
+    ) -> list[torch.Tensor]:
+        """``project`` over (x, k, block) items; a basis may override it to batch blocks."""
+        return [self.project(x, k, key, blk) for x, k, blk in items]
+
+    def reconstruct_blocks(
+        self, items: list[tuple[torch.Tensor, int, int]], key: int
+    ) -> list[torch.Tensor]:
+        """``reconstruct`` over (y, d, block) items; a basis may override it to batch blocks."""
+        return [self.reconstruct(y, d, key, blk) for y, d, blk in items]
+
     def omega(self, d: int, k: int) -> float:
         """Exact ``E‖Δ̂−Δ‖² / ‖Δ‖²`` of the fp32 unbiased estimator for one block."""
         raise NotImplementedError
@@ -184,6 +196,10 @@ class ProjectionCodec(Codec):
         xs = [flat[b.name][b.start : b.stop] for b in blocks]
         norms = [float(x.double().norm()) for x in xs]
         ks = self.allocate_blocks(blocks, norms)
+        todo = [
+            (x, kk, b.index) for b, x, kk in zip(blocks, xs, ks, strict=True) if 0 < kk < b.size
+        ]
+        projected = iter(self.project_blocks(todo, key))
         body: list[bytes] = []
         scales: list[float] = []
         for b, x, kk, nrm in zip(blocks, xs, ks, norms, strict=True):
@@ -194,7 +210,7 @@ class ProjectionCodec(Codec):
                 y = x
                 sign_scale = float(x.abs().mean())
             else:
-                y = self.project(x, kk, key, b.index)
+                y = next(projected)
                 sign_scale = math.sqrt(math.pi / 2) * nrm * self.coef_std(b.size, kk)
             raw, scale = q.quantize(y, self._coef, key=key, stream=b.index, sign_scale=sign_scale)
             body.append(raw)
@@ -251,17 +267,25 @@ class ProjectionCodec(Codec):
         out = empty_like_spec(like)
         flat_out = {n: t.view(-1) for n, t in out.items()}
         pos = 0
+        coefs: list[torch.Tensor | None] = []
         for b, kk in zip(blocks, h.ks, strict=True):
-            if kk == 0:
-                continue
             nb = q.nbytes(h.coef, kk)
             scale = h.scales[b.index] if h.scales is not None else 1.0
-            y = q.dequantize(body[pos : pos + nb], kk, h.coef, scale)
+            coefs.append(q.dequantize(body[pos : pos + nb], kk, h.coef, scale) if kk else None)
             pos += nb
+        todo = [
+            (y, b.size, b.index)
+            for b, y, kk in zip(blocks, coefs, h.ks, strict=True)
+            if y is not None and kk < b.size
+        ]
+        rebuilt = iter(self.reconstruct_blocks(todo, h.key))
+        for b, y, kk in zip(blocks, coefs, h.ks, strict=True):
+            if y is None:
+                continue
             if kk == b.size:
                 xhat = y
             else:
-                xhat = self.reconstruct(y, b.size, h.key, b.index)
+                xhat = next(rebuilt)
                 if h.flags & wire.FLAG_SHRINK:
                     xhat = xhat * (1.0 / (1.0 + self.omega_coef(b.size, kk, h.coef)))
             if not bool(torch.isfinite(xhat).all()):

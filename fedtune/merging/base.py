@@ -30,7 +30,7 @@ import abc
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -47,7 +47,10 @@ BATCH_BUDGET = 1 << 24
 class Merger(Protocol):
     """What :func:`fedtune.merging.get` returns."""
 
-    streaming: bool
+    @property
+    def streaming(self) -> bool:
+        """Whether ``add``/``finish``/``reset`` are available (O(d) one-pass state)."""
+        ...
 
     def merge(
         self, deltas: Sequence[Delta], weights: Sequence[float], *, key: int | None = None
@@ -57,9 +60,18 @@ class Merger(Protocol):
 MERGERS: Registry[Merger] = Registry("merger")
 
 
-def register(name: str) -> Callable[[Callable[..., Merger]], Callable[..., Merger]]:
+_F = TypeVar("_F", bound=Callable[..., Merger])
+
+
+def register(name: str) -> Callable[[_F], _F]:
     """Decorator that registers a merger class under ``name`` (see docs/extending.md)."""
-    return MERGERS.register(name)
+    deco = MERGERS.register(name)
+
+    def wrap(factory: _F) -> _F:
+        deco(factory)
+        return factory
+
+    return wrap
 
 
 def get(name: str, **options: Any) -> Merger:
@@ -173,7 +185,9 @@ def check_weight(weight: float) -> float:
     return w
 
 
-def check_inputs(deltas: Sequence[Delta], weights: Sequence[float]) -> tuple[FlatLayout, list[float]]:
+def check_inputs(
+    deltas: Sequence[Delta], weights: Sequence[float]
+) -> tuple[FlatLayout, list[float]]:
     """Validate a batch of deltas and weights; return their common layout and float weights."""
     if len(deltas) == 0:
         raise ValueError("merge needs at least one delta")

@@ -35,7 +35,9 @@ class Consensus(CoordinatewiseMerger):
 
     def _check_n(self, n: int) -> None:
         if n < self.min_agree:
-            raise ValueError(f"consensus with min_agree={self.min_agree} needs >= that many clients, got {n}")
+            raise ValueError(
+                f"consensus with min_agree={self.min_agree} needs >= that many clients, got {n}"
+            )
 
     def _combine(self, x: Tensor, w: Tensor) -> Tensor:
         wt = (w / w.mean())[:, None]

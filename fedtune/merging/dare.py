@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .base import Delta, FlatLayout, StreamingMerger, check_choice, check_range, register
 from .sparsify import SignedAccumulator, bernoulli_keep, chunk_size
-from .ties import trimmed_pieces
+from .ties import thresholded_pieces
 
 MODES = ("linear", "ties")
 
@@ -90,9 +90,11 @@ class Dare(StreamingMerger):
         full = layout.zeros()
         for off, x in self._dropped(layout, delta, key):
             full[off : off + x.numel()] = x
-        flats = [full[o : o + f.numel()] for o, f in zip(layout.offsets, layout.flat(delta), strict=True)]
-        for off, x in trimmed_pieces(flats, layout.offsets, self.density, self.scope):
-            self._acc.add(off, x, weight)
+        flats = [
+            full[o : o + f.numel()] for o, f in zip(layout.offsets, layout.flat(delta), strict=True)
+        ]
+        for off, x, t in thresholded_pieces(flats, layout.offsets, self.density, self.scope):
+            self._acc.add(off, x, weight, t)
 
     def _finish(self, layout: FlatLayout) -> Tensor:
         if self.mode == "linear":

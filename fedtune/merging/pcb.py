@@ -66,12 +66,17 @@ class PCB(BatchMerger):
                 continue
 
             def absval(delta: Delta = delta) -> Iterator[Tensor]:
-                return (x.abs() for _, x in layout.pieces(delta, chunk_size(layout.total, layout.device)))
+                return (
+                    x.abs()
+                    for _, x in layout.pieces(delta, chunk_size(layout.total, layout.device))
+                )
 
-            a_lo = kth_smallest(absval, i_lo + 1)
-            a_hi = kth_smallest(absval, i_hi + 1)
+            a_lo = kth_smallest(absval, i_lo + 1, nonneg=True)
+            a_hi = kth_smallest(absval, i_hi + 1, nonneg=True)
 
-            def beta(delta: Delta = delta, a_lo: float = a_lo, a_hi: float = a_hi) -> Iterator[Tensor]:
+            def beta(
+                delta: Delta = delta, a_lo: float = a_lo, a_hi: float = a_hi
+            ) -> Iterator[Tensor]:
                 for off, x in layout.pieces(delta, chunk_size(layout.total, layout.device)):
                     a = x.abs().clamp(a_lo, a_hi)
                     intra = torch.exp(n * _minmax(a, a_lo, a_hi) ** 2)
@@ -80,7 +85,9 @@ class PCB(BatchMerger):
 
             b_lo = kth_smallest(beta, i_beta + 1)
             b_hi = max(float(c.max()) for c in beta())
-            for (off, x), b in zip(layout.pieces(delta, chunk_size(layout.total, layout.device)), beta(), strict=True):
+            for (off, x), b in zip(
+                layout.pieces(delta, chunk_size(layout.total, layout.device)), beta(), strict=True
+            ):
                 s = _minmax(b.clamp_min(b_lo), b_lo, b_hi) * wt[i]
                 clamped = torch.sign(x) * x.abs().clamp(a_lo, a_hi)
                 sl = slice(off, off + x.numel())

@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -48,7 +48,9 @@ class ServerOpt(abc.ABC):
         self.step_count = 0
         self.state: dict[str, dict[str, Tensor]] = {b: {} for b in self.buffers}
 
-    def step(self, global_state: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def step(
+        self, global_state: Mapping[str, Tensor], delta: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
         """Apply one server update; inputs are not modified."""
         if tuple(global_state.keys()) != tuple(delta.keys()):
             raise ValueError(
@@ -111,9 +113,18 @@ class ServerOpt(abc.ABC):
 SERVER_OPTS: Registry[ServerOpt] = Registry("server optimizer")
 
 
-def register_server_opt(name: str) -> Callable[[Callable[..., ServerOpt]], Callable[..., ServerOpt]]:
+_F = TypeVar("_F", bound=Callable[..., ServerOpt])
+
+
+def register_server_opt(name: str) -> Callable[[_F], _F]:
     """Decorator registering a server optimizer class under ``name``."""
-    return SERVER_OPTS.register(name)
+    deco = SERVER_OPTS.register(name)
+
+    def wrap(factory: _F) -> _F:
+        deco(factory)
+        return factory
+
+    return wrap
 
 
 def get_server_opt(name: str, **options: Any) -> ServerOpt:
@@ -186,7 +197,9 @@ class _Adaptive(ServerOpt):
         self.beta2 = check_range("beta2", beta2, 0.0, 1.0, hi_open=True)
         self.tau = check_range("tau", tau, 0.0, math.inf, lo_open=True, hi_open=True)
         self.v_init = (
-            self.tau**2 if v_init is None else check_range("v_init", v_init, 0.0, math.inf, hi_open=True)
+            self.tau**2
+            if v_init is None
+            else check_range("v_init", v_init, 0.0, math.inf, hi_open=True)
         )
 
     def _update(self, name: str, delta: Tensor) -> Tensor:

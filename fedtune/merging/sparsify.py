@@ -52,9 +52,11 @@ def _chunks(flat: Tensor, chunk: int) -> Iterable[Tensor]:
         yield flat[s : s + chunk]
 
 
-def _sortable(c: Tensor) -> Tensor:
+def _sortable(c: Tensor, nonneg: bool = False) -> Tensor:
     """fp32 -> int32 with the same order (IEEE total order, -0 < +0), as signed integers."""
     b = c.contiguous().view(torch.int32)
+    if nonneg:  # values >= +0: the bit pattern already orders them
+        return b
     # Negative floats order backwards as integers: flip their 31 magnitude bits.
     return b ^ ((b >> 31) & 0x7FFFFFFF)
 
@@ -66,7 +68,9 @@ def _unsortable(b: int) -> float:
     return float(torch.tensor([b], dtype=torch.int32).view(torch.float32)[0])
 
 
-def kth_smallest(chunks: Callable[[], Iterable[Tensor]], k: int) -> float:
+def kth_smallest(
+    chunks: Callable[[], Iterable[Tensor]], k: int, *, nonneg: bool = False
+) -> float:
     """Exact k-th smallest (1-based) fp32 value over the chunks yielded by ``chunks()``.
 
     ``chunks`` is called twice (two radix passes of 16 bits on the order-preserving int32
@@ -82,7 +86,7 @@ def kth_smallest(chunks: Callable[[], Iterable[Tensor]], k: int) -> float:
     for c in chunks():
         if c.dtype != torch.float32:
             raise ValueError("kth_smallest expects fp32 values")
-        u = _sortable(c.reshape(-1))
+        u = _sortable(c.reshape(-1), nonneg)
         if hist is None:
             hist = torch.zeros(1 << 16, dtype=torch.int64, device=u.device)
         # arithmetic shift keeps the sign: high half in [-2**15, 2**15); shift to [0, 2**16)
@@ -94,7 +98,7 @@ def kth_smallest(chunks: Callable[[], Iterable[Tensor]], k: int) -> float:
     hi_signed = hi - (1 << 15)
     lo_hist = torch.zeros_like(hist)
     for c in chunks():
-        u = _sortable(c.reshape(-1))
+        u = _sortable(c.reshape(-1), nonneg)
         lo_hist.index_add_(0, u & 0xFFFF, ((u >> 16) == hi_signed).to(torch.int64))
     lo, _ = _select_bin(lo_hist, k2)
     return _unsortable((hi_signed << 16) | lo)
@@ -131,31 +135,32 @@ def kth_largest_abs(tensors: Sequence[Tensor], k: int) -> Tensor:
         a = torch.cat([f.abs() for f in flats])
         return torch.kthvalue(a, total - k + 1).values
     step = chunk_size(total, device)
-    v = kth_smallest(lambda: (c.abs() for f in flats for c in _chunks(f, step)), total - k + 1)
+    v = kth_smallest(
+        lambda: (c.abs() for f in flats for c in _chunks(f, step)), total - k + 1, nonneg=True
+    )
     return torch.tensor(v, dtype=torch.float32, device=device)
 
 
-def magnitude_threshold(tensors: Sequence[Tensor], density: float) -> Tensor | None:
+def magnitude_threshold(tensors: Sequence[Tensor], density: float) -> float | None:
     """Threshold ``t`` so that ``|x| >= t`` keeps the top ``density`` fraction by magnitude.
 
-    ``None`` means "keep every non-zero" (density 1); ``+inf`` means keep nothing
-    (``floor(density * n) == 0``).
+    ``None`` means "keep every non-zero" (``floor(density * n) == n``); ``inf`` means keep
+    nothing (``floor(density * n) == 0``).
     """
     n = sum(t.numel() for t in tensors)
     k = topk_count(density, n)
-    device = tensors[0].device if tensors else None
     if k >= n:
         return None
     if k == 0:
-        return torch.tensor(math.inf, device=device)
-    return kth_largest_abs(tensors, k)
+        return math.inf
+    return float(kth_largest_abs(tensors, k))
 
 
-def magnitude_mask(x: Tensor, threshold: Tensor | None) -> Tensor:
+def magnitude_mask(x: Tensor, threshold: float | None) -> Tensor:
     """Boolean mask of the entries kept: ``|x| >= threshold`` and ``x != 0``."""
-    if threshold is None:
+    if threshold is None or threshold <= 0:
         return x != 0
-    return (x.abs() >= threshold) & (x != 0)
+    return x.abs() >= threshold
 
 
 def bernoulli_keep(
@@ -183,14 +188,23 @@ class SignedAccumulator:
         z = lambda: torch.zeros(d, dtype=torch.float32, device=device)  # noqa: E731
         self.pos_sum, self.neg_sum, self.pos_w, self.neg_w = z(), z(), z(), z()
 
-    def add(self, offset: int, x: Tensor, weight: float) -> None:
-        """Add ``weight * x`` (a flat chunk whose trimmed-away entries are already 0)."""
+    def add(self, offset: int, x: Tensor, weight: float, threshold: float | None = None) -> None:
+        """Add ``weight * x`` for the entries with ``|x| >= threshold`` (all when ``None``).
+
+        Zeros never count (they belong to neither sign), whatever the threshold.
+        """
+        if threshold is not None and math.isinf(threshold):
+            return
         sl = slice(offset, offset + x.numel())
-        wx = x * weight
-        self.pos_sum[sl] += wx.clamp(min=0.0)
-        self.neg_sum[sl] += wx.clamp_(max=0.0)
-        self.pos_w[sl].add_(x > 0, alpha=weight)
-        self.neg_w[sl].add_(x < 0, alpha=weight)
+        if threshold is None or threshold <= 0:
+            pos, neg = x > 0, x < 0
+        else:  # x >= t > 0 is "kept and positive" in one comparison
+            pos, neg = x >= threshold, x <= -threshold
+        # float masks + addcmul: ~3x faster on CPU than torch.where with a scalar
+        for mask, s, w in ((pos, self.pos_sum, self.pos_w), (neg, self.neg_sum, self.neg_w)):
+            m = mask.to(torch.float32)
+            s[sl].addcmul_(x, m, value=weight)
+            w[sl].add_(m, alpha=weight)
 
     def finish(self) -> Tensor:
         """The disjoint weighted mean; computed chunk by chunk into ``pos_sum`` (consumed)."""

@@ -29,7 +29,9 @@ class TaskArithmetic(StreamingMerger):
     def __init__(self, scale: float = 1.0, normalize: bool = True) -> None:
         super().__init__()
         self.scale = check_range("scale", scale, -1e6, 1e6)
-        self.normalize = bool(normalize)
+        if not isinstance(normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {normalize!r}")
+        self.normalize = normalize
         self._sum: Tensor | None = None
 
     def _reset_state(self) -> None:

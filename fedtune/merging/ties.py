@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor
 
 from .base import Delta, FlatLayout, StreamingMerger, check_choice, check_range, register
@@ -38,10 +37,11 @@ from .sparsify import SignedAccumulator, chunk_size, magnitude_threshold
 SCOPES = ("global", "tensor")
 
 
-def trimmed_pieces(
+def thresholded_pieces(
     flats: list[Tensor], offsets: tuple[int, ...], density: float, scope: str
-) -> Iterator[tuple[int, Tensor]]:
-    """``(flat_offset, trimmed_chunk)`` of one client's delta, top-``density`` by magnitude."""
+) -> Iterator[tuple[int, Tensor, float | None]]:
+    """``(flat_offset, chunk, threshold)`` of one client's delta: the entries of the chunk
+    with ``|x| >= threshold`` (and ``x != 0``) are its top-``density`` fraction."""
     if scope == "global":
         t = magnitude_threshold(flats, density)
         thresholds = [t] * len(flats)
@@ -50,9 +50,7 @@ def trimmed_pieces(
     step = chunk_size(sum(f.numel() for f in flats), flats[0].device)
     for off, f, t in zip(offsets, flats, thresholds, strict=True):
         for s in range(0, f.numel(), step):
-            x = f[s : s + step]
-            # Zeros need no masking here: they add nothing to either sign's sums.
-            yield off + s, x if t is None else x * (x.abs() >= t)
+            yield off + s, f[s : s + step], t
 
 
 @register("ties")
@@ -75,8 +73,9 @@ class Ties(StreamingMerger):
 
     def _add(self, layout: FlatLayout, delta: Delta, weight: float, key: int | None) -> None:
         assert self._acc is not None
-        for off, x in trimmed_pieces(layout.flat(delta), layout.offsets, self.density, self.scope):
-            self._acc.add(off, x, weight)
+        pieces = thresholded_pieces(layout.flat(delta), layout.offsets, self.density, self.scope)
+        for off, x, t in pieces:
+            self._acc.add(off, x, weight, t)
 
     def _finish(self, layout: FlatLayout) -> Tensor:
         assert self._acc is not None
