@@ -243,7 +243,9 @@ def main() -> None:
             "(its MSE measured at K'). `copy` = cloning the tensors; `dense fp32` = the dense "
             "codec (serialise + CRC + parse). MSE averaged over several keys; theory = "
             "Σ_l ω_l‖Δ_l‖² with ω = (d+1)/K Gaussian, (d−1)/K Rademacher and count-sketch, "
-            "(n−K)(d−1)/(K(n−1)) SRHT (n = padded size).",
+            "(n−K)(d−1)/(K(n−1)) SRHT (n = padded size); `theory at K` is the MSE at the full "
+            "budget, the number to compare across codecs. Measured MSE of the `*` rows uses "
+            "2–4 keys at K' (few coefficients per block, so it is noisy at d = 1e7).",
             *sections,
         ]
     )

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,22 +208,47 @@ def test_zero_tensors_cost_nothing_and_decode_to_zero() -> None:
     assert len(p) == 40 + 8 + 20 * 4 + 4
 
 
-@pytest.mark.parametrize("name", [*SKETCHES, "dense"])
-def test_encode_and_decode_are_deterministic(name: str) -> None:
-    delta = make_delta(4)
+_DECODE_SCRIPT = """
+import hashlib, sys, torch
+torch.set_num_threads(1)
+from fedtune import codecs
+sys.path.insert(0, "tests")
+from test_codecs import make_delta
+delta = make_delta(4)
+for name in ["gaussian", "rademacher", "srht", "countsketch", "dense"]:
     c = codecs.get(name, coef_bits=8) if name == "dense" else codecs.get(name, k=50, coef_bits=8)
-    p1, p2 = c.encode(delta, 123, round=2, slot=1), c.encode(delta, 123, round=2, slot=1)
-    assert p1 == p2
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        a = c.decode(p1, like=delta)
-        torch.set_num_threads(2)
-        b = c.decode(p1, like=delta)
-    finally:
-        torch.set_num_threads(old)
-    for n in delta:
-        assert torch.equal(a[n], b[n])
+    out = c.decode(c.encode(delta, 123, round=2, slot=1), like=delta)
+    print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in out.values())).hexdigest())
+"""
+
+
+def test_encode_and_decode_are_deterministic_across_thread_counts() -> None:
+    delta = make_delta(4)
+    digests = []
+    for name in ["gaussian", "rademacher", "srht", "countsketch", "dense"]:
+        c = (
+            codecs.get(name, coef_bits=8)
+            if name == "dense"
+            else codecs.get(name, k=50, coef_bits=8)
+        )
+        p1, p2 = c.encode(delta, 123, round=2, slot=1), c.encode(delta, 123, round=2, slot=1)
+        assert p1 == p2
+        out = c.decode(p1, like=delta)
+        digests.append(
+            hashlib.sha256(b"".join(t.numpy().tobytes() for t in out.values())).hexdigest()
+        )
+    # one thread in a subprocess (switching torch's pool in-process slows later tests down)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    res = subprocess.run(
+        [sys.executable, "-c", _DECODE_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=root,
+    )
+    assert res.stdout.split() == digests
 
 
 def test_different_keys_give_different_bases() -> None:
