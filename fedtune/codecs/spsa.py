@@ -91,7 +91,7 @@ class SpsaCodec(Codec):
             )
         body = struct.pack("<d", float(self.lr)) + cast.tobytes()
         header = wire.Header(
-            codec_id=wire.CODEC_IDS[self.name],
+            codec_id=wire.codec_id(self.name),
             coef=self._coef,
             flags=0,
             round=round,

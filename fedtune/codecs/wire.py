@@ -48,6 +48,27 @@ CODEC_IDS: dict[str, int] = {
     "spsa": 6,
 }
 
+
+def register_codec_id(name: str, codec_id: int) -> None:
+    """Give a user codec (registered with ``codecs.register``) a wire id in [128, 255]."""
+    if not 128 <= codec_id <= 255:
+        raise ValueError(f"user codec ids must be in [128, 255], got {codec_id}")
+    taken = {v: k for k, v in CODEC_IDS.items()}
+    if taken.get(codec_id, name) != name or CODEC_IDS.get(name, codec_id) != codec_id:
+        raise ValueError(f"codec id {codec_id} or name {name!r} is already taken")
+    CODEC_IDS[name] = codec_id
+
+
+def codec_id(name: str) -> int:
+    """The wire id of codec ``name`` (built in, or given with :func:`register_codec_id`)."""
+    try:
+        return CODEC_IDS[name]
+    except KeyError:
+        raise ValueError(
+            f"codec {name!r} has no wire id; call fedtune.codecs.wire.register_codec_id"
+        ) from None
+
+
 COEF_FP32 = 0
 COEF_FP16 = 1
 COEF_INT8 = 3  # linear, per-block scale, stochastic rounding
@@ -181,7 +202,7 @@ def check_header(
     slot: int | None,
 ) -> None:
     """Compare the header with what the decoder expects; each mismatch names its field."""
-    want = CODEC_IDS[codec]
+    want = codec_id(codec)
     if h.codec_id != want:
         known = {v: k for k, v in CODEC_IDS.items()}
         if h.codec_id not in known:
