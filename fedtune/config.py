@@ -249,6 +249,11 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"run-config key 'device' is {cfg.device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'"
         )
+    if cfg.factor_mode == "exact":
+        raise ConfigError(
+            "run-config key 'factor-mode' is 'exact' (FedEx-LoRA residual folding), which is not "
+            "implemented yet; allowed now: 'factors', 'ffa'"
+        )
     bad = [x for x in cfg.mos_disable.split(",") if x.strip() and x.strip() not in _MOS_SWITCHES]
     if bad:
         raise ConfigError(

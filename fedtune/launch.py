@@ -16,6 +16,7 @@ What ``flwr run`` alone does not do for us (see research/flower.md section 7):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -99,10 +100,8 @@ def stop_superlink(flwr_home: Path, grace: float = 5.0) -> int:
             try:
                 os.killpg(os.getpgid(pid), sig)
             except (ProcessLookupError, PermissionError):
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
         deadline = time.monotonic() + grace
         while sig == signal.SIGTERM and time.monotonic() < deadline:
             if all(_state(p) in ("", "Z") for p in alive):

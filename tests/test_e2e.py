@@ -93,23 +93,57 @@ def test_run_dirs_are_never_reused(tmp_path):
 
 
 @pytest.mark.slow
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_run_config, tmp_path):
+def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_run_config, tmp_path):
+    """Kill the whole simulation (server included) after a random round, resume, compare."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
     from safetensors.torch import load_file
 
-    home = str(tmp_path / "flwr-home")
+    from fedtune.launch import stop_superlink
+
     cfg = {**tiny_run_config, "num-rounds": 3, "codec": "srht", "run-name": "full"}
-    assert launch(["-c", _kv(cfg), "--flwr-home", home]) == 0
-    part = {**cfg, "num-rounds": 2, "run-name": "part"}
-    assert launch(["-c", _kv(part), "--flwr-home", home]) == 0
-    runs = tmp_path / "runs"
-    resumed = {**part, "num-rounds": 3, "resume": str(runs / "part")}
-    assert launch(["-c", _kv(resumed), "--flwr-home", home]) == 0
-    a = load_file(str(runs / "full" / "checkpoint" / "adapter.safetensors"))
-    b = load_file(str(runs / "part" / "checkpoint" / "adapter.safetensors"))
+    assert launch(["-c", _kv(cfg), "--flwr-home", str(tmp_path / "h1")]) == 0
+
+    kill_after = random.Random(1234).choice([1, 2])  # a "random" round, reproducibly
+    home = tmp_path / "h2"
+    part = {**cfg, "run-name": "part"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedtune.launch", "-c", _kv(part), "--flwr-home", str(home)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = tmp_path / "runs" / "part" / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            if state.exists() and json.loads(state.read_text())["round"] >= kill_after:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint appeared")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stop_superlink(home.resolve())
+        proc.wait()
+    killed_at = json.loads(state.read_text())["round"]
+    assert killed_at < 3
+
+    resumed = {**part, "resume": str(tmp_path / "runs" / "part")}
+    assert launch(["-c", _kv(resumed), "--flwr-home", str(home)]) == 0
+    a = load_file(str(tmp_path / "runs" / "full" / "checkpoint" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "runs" / "part" / "checkpoint" / "adapter.safetensors"))
     assert list(a) == list(b)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), f"differs after a kill at round {killed_at}"
     rows = [
-        json.loads(x)["round"] for x in (runs / "part" / "metrics.jsonl").read_text().splitlines()
+        json.loads(x)["round"]
+        for x in (tmp_path / "runs" / "part" / "metrics.jsonl").read_text().splitlines()
     ]
     assert rows == [0, 1, 2, 3]
 

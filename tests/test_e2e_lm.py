@@ -45,5 +45,7 @@ def test_tiny_llama_two_rounds(adapter, codec, tmp_path):
     assert all(r["test-loss"] > 0 and r["test-perplexity"] > 1 for r in rows)
     assert all(r["valid-replies"] == 2 for r in rows[1:])
     gens = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
-    assert {g["round"] for g in gens} == {0, 1, 2} and all(isinstance(g["answer"], str) for g in gens)
+    assert {g["round"] for g in gens} == {0, 1, 2} and all(
+        isinstance(g["answer"], str) for g in gens
+    )
     assert (run / "adapter" / "adapter_config.json").exists()
