@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import write_section
 from fedtune import codecs, rng
+from fedtune.codecs import wire
 from fedtune.codecs.base import make_blocks
 from fedtune.codecs.projection import ProjectionCodec, default_k
 
@@ -89,6 +90,17 @@ def run_codec(
     return sec, nbytes, err / trials / norm2
 
 
+def fp32_payload_bytes(codec: ProjectionCodec, delta: dict[str, torch.Tensor]) -> int:
+    """Exact fp32 payload size at the codec's budget, without encoding (header + K table +
+    4 bytes per coefficient + CRC)."""
+    blocks = make_blocks(delta, codec.max_block)
+    flat = {n: t.reshape(-1) for n, t in delta.items()}
+    ks = codec.allocate_blocks(
+        blocks, [float(flat[b.name][b.start : b.stop].norm()) for b in blocks]
+    )
+    return wire.FIXED_SIZE + 4 * len(blocks) + 4 * sum(ks) + wire.CRC_SIZE
+
+
 def torch_randn_gaussian_seconds(delta: dict[str, torch.Tensor], k: int) -> tuple[float, float]:
     """Time of a NON-portable Gaussian projection + reconstruction with torch.randn (the way
     Ferret's code does it), for reference: (seconds at K', extrapolation factor to K)."""
@@ -148,11 +160,12 @@ def bench(d: int, quick: bool) -> list[dict[str, object]]:
                 k_small = max(2 * len(delta), int(kk * O_KD_BUDGET / full))
                 opts = {**opts, "k": k_small}
                 scale = full / basis_cost(codecs.get(name, **opts), delta)  # type: ignore[arg-type]
-        theory_full = 0.0
+        theory_full, full_bytes = 0.0, 0
         if name not in ("dense",):
             full_codec = codecs.get(name, k=kk)
             assert isinstance(full_codec, ProjectionCodec)
             theory_full = full_codec.theory_mse(delta) / norm2
+            full_bytes = fp32_payload_bytes(full_codec, delta)
         codec = codecs.get(name, **opts)
         t_trials = 2 if scale > 1 and big else trials
         sec, nbytes, mse = run_codec(codec, delta, t_trials, 1 if scale > 1 else repeats)
@@ -161,7 +174,7 @@ def bench(d: int, quick: bool) -> list[dict[str, object]]:
             {
                 "codec": label,
                 "k": kk if scale == 1 else f"{kk} (timed at {opts['k']})",
-                "bytes": nbytes if scale == 1 else round(nbytes * scale),
+                "bytes": nbytes if scale == 1 else full_bytes,
                 "sec": sec * scale,
                 "extrapolated": scale > 1,
                 "mse": mse,

@@ -76,3 +76,20 @@ def test_consistency_checks():
 def test_flat_round_trip():
     cfg = parse({"merger": "ties", "merger-density": 0.3, "lr": 0.01})
     assert parse(cfg.to_flat()) == cfg
+
+
+def test_every_method_option_is_a_run_config_key():
+    """flwr run only overrides keys that exist in pyproject: every option must be declared."""
+    from fedtune import codecs, merging
+    from fedtune.merging import server_opt
+    from fedtune.registry import _option_names
+
+    keys = set(defaults_from_pyproject())
+    for prefix, reg in (
+        ("codec-", codecs.REGISTRY),
+        ("merger-", merging.base.MERGERS),
+        ("server-opt-", server_opt.SERVER_OPTS),
+    ):
+        for name in reg.names():
+            for opt in _option_names(reg.factory(name)) or ():
+                assert prefix + opt.replace("_", "-") in keys, (name, opt)
