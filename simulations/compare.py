@@ -146,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "simulations" / "out"))
     ap.add_argument("--flwr-home", default=None)
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch docs/")
+    ap.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        help="NAME=RUN_DIR: take this configuration's results from a finished run folder "
+        "(same seed and data) instead of running it again",
+    )
     args = ap.parse_args(argv)
 
     common = parse_overrides(args.common)
@@ -154,9 +161,21 @@ def main(argv: list[str] | None = None) -> int:
         name, _, kv = item.partition(":")
         per.setdefault(name, {}).update(parse_overrides([kv]))
     out_dir = Path(args.out) / time.strftime("compare-%Y%m%d-%H%M%S")
+    reuse = dict(item.split("=", 1) for item in args.reuse)
     results = []
     for path in args.configs:
         name = Path(path).stem
+        if name in reuse:
+            rows_path = Path(reuse[name]) / "metrics.jsonl"
+            rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()]
+            wall = (
+                json.loads((Path(reuse[name]) / "wall.json").read_text())["wall"]
+                if (Path(reuse[name]) / "wall.json").exists()
+                else float("nan")
+            )
+            print(f"compare: reusing {name} from {rows_path}", flush=True)
+            results.append({"name": name, "rows": rows, "wall": wall})
+            continue
         overrides = {**parse_overrides([path]), **common, **per.get(name, {})}
         print(f"compare: running {name} with {overrides}", flush=True)
         results.append(run_one(name, overrides, out_dir, args.flwr_home))
