@@ -168,14 +168,14 @@ def main() -> None:
             if err or not runs:
                 rows.append((n, d, impl, None, err))
                 continue
-            r = {
+            best: dict[str, float] = {
                 "time_s": min(x["time_s"] for x in runs),
                 "extra_mb": max(x["extra_mb"] for x in runs),
             }
-            rows.append((n, d, impl, r, ""))
+            rows.append((n, d, impl, best, ""))
             print(
-                f"n={n} d={d:.0e} {impl}: {r['time_s']:.2f} s (best of {len(runs)}), "
-                f"+{r['extra_mb']:.0f} MB",
+                f"n={n} d={d:.0e} {impl}: {best['time_s']:.2f} s (best of {len(runs)}), "
+                f"+{best['extra_mb']:.0f} MB",
                 flush=True,
             )
 
@@ -201,19 +201,20 @@ def main() -> None:
         "| peak extra (×d floats) | inputs n·d (MB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for n, d, impl, r, note in rows:
-        if r is None:
+    for n, d, impl, row, note in rows:
+        if row is None:
             lines.append(
                 f"| {n} | {d:.0e} | {impl} | {note} | – | – | – | – | {n * d * 4 / 2**20:.0f} |"
             )
             continue
         ratios = [
-            f"{r['time_s'] / b[(n, d)]['time_s']:.2f}" if (n, d) in b else "–"
+            f"{row['time_s'] / b[(n, d)]['time_s']:.2f}" if (n, d) in b else "–"
             for b in (per_tensor, flat)
         ]
         lines.append(
-            f"| {n} | {d:.0e} | {impl} | {r['time_s']:.2f} | {ratios[0]} | {ratios[1]} | "
-            f"{r['extra_mb']:.0f} | {r['extra_mb'] * 2**20 / (4 * d):.1f} | {n * d * 4 / 2**20:.0f} |"
+            f"| {n} | {d:.0e} | {impl} | {row['time_s']:.2f} | {ratios[0]} | {ratios[1]} | "
+            f"{row['extra_mb']:.0f} | {row['extra_mb'] * 2**20 / (4 * d):.1f} | "
+            f"{n * d * 4 / 2**20:.0f} |"
         )
     md = "\n".join(lines)
     print(md)

@@ -6,7 +6,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import codecs, pipeline
-from fedtune.config import parse
+from fedtune.config import Config, parse
 from fedtune.fl.records import (
     config_int,
     key_from_config,
@@ -30,9 +30,19 @@ def _partition_id(context: Context) -> int:
     return pid
 
 
+def _config(context: Context) -> Config:
+    """Run config plus what this SuperNode knows better (deploy/supernode.sh --device/--data-path)."""
+    run_config = dict(context.run_config)
+    for key in ("data-path", "device"):
+        value = context.node_config.get(key)
+        if isinstance(value, str) and value:
+            run_config[key] = value
+    return parse(run_config, validate_methods=False)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = parse(context.run_config, validate_methods=False)
+    cfg = _config(context)
     global_state, config = train_inputs(msg)
     ef = None
     if cfg.error_feedback:  # the residual lives in the node's Context.state across rounds
@@ -66,7 +76,7 @@ def identify(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter on this client's own data."""
-    cfg = parse(context.run_config, validate_methods=False)
+    cfg = _config(context)
     state, _ = train_inputs(msg)
     res = pipeline.evaluate_state(
         cfg,

@@ -203,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [str(flwr), "run", args.app, "local", "--stream", "--run-config", str(override_file)]
     stop_superlink(flwr_home)  # a SuperLink left from an earlier run would keep its old env
     try:
+        start_superlink(flwr_home, http_port, control_port, env)
         proc = subprocess.run(cmd, env=env, check=False)
+    except RuntimeError as e:
+        print(f"fedtune: error: {e}", file=sys.stderr)
+        return 1
     finally:
         stop_superlink(flwr_home)
     run_dir = Path(cfg.resume) if cfg.resume else out_dir / run_name
@@ -219,6 +223,55 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(MetricsLog(metrics).rows()))
     print(f"fedtune: metrics {metrics}\nfedtune: adapter {run_dir / 'adapter'}")
     return 0
+
+
+def start_superlink(
+    flwr_home: Path, http_port: int, control_port: int, env: dict[str, str], timeout: float = 180.0
+) -> None:
+    """Start the local simulation SuperLink ourselves and wait until it answers.
+
+    ``flwr run`` would start the same process, but gives it a hard-coded 15 s to come up,
+    which a loaded machine misses; it reuses a SuperLink it finds answering on its port.
+    """
+    import urllib.error
+    import urllib.request
+
+    state = flwr_home / "local-superlink"
+    state.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        str(Path(sys.executable).with_name("flower-superlink")),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--control-api-address",
+        f"127.0.0.1:{control_port}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http_port),
+        "--database",
+        str(state / "state.db"),
+        "--disable-runtime-dependency-installation",
+    ]
+    log = (state / "superlink.log").open("ab")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"flower-superlink exited with code {proc.returncode}; see {state / 'superlink.log'}"
+            )
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"flower-superlink did not answer within {timeout:.0f} s; see {state / 'superlink.log'}"
+    )
 
 
 def _free_ports(n: int) -> list[int]:

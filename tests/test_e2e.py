@@ -20,21 +20,26 @@ def _kv(cfg: dict) -> str:
 def test_two_round_simulation_saves_a_peft_adapter_that_reproduces_accuracy(
     tiny_run_config, tmp_path, capsys
 ):
+    from fedtune.launch import _process_table, _state
+
+    def ours() -> set[int]:
+        """Live processes a simulation starts (others may be running on this machine)."""
+        return {
+            pid
+            for pid, (_, cmd) in _process_table().items()
+            if _state(pid) not in ("", "Z")
+            and ("flower-superlink" in cmd or "flwr-simulation" in cmd or "ray::" in cmd or "raylet" in cmd)
+        }
+
+    before = ours()
     rc = launch(["-c", _kv(tiny_run_config), "--flwr-home", str(tmp_path / "flwr-home")])
     out = capsys.readouterr().out
     assert rc == 0, out
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
-    # nothing of the run is left behind: SuperLink, simulation process, Ray actors
-    from fedtune.launch import _process_table, _state
-
-    left = [
-        cmd
-        for pid, (_, cmd) in _process_table().items()
-        if _state(pid) not in ("", "Z")
-        and (str(tmp_path) in cmd or "flwr-simulation" in cmd or "ray::ClientAppActor" in cmd)
-    ]
-    assert not left, left
+    # nothing of the run is left behind: SuperLink, simulation process, Ray
+    left = ours() - before
+    assert not left, [_process_table()[p][1][:120] for p in left if p in _process_table()]
     rows = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["valid-replies"] == 3 for r in rows[1:])

@@ -68,9 +68,7 @@ def _unsortable(b: int) -> float:
     return float(torch.tensor([b], dtype=torch.int32).view(torch.float32)[0])
 
 
-def kth_smallest(
-    chunks: Callable[[], Iterable[Tensor]], k: int, *, nonneg: bool = False
-) -> float:
+def kth_smallest(chunks: Callable[[], Iterable[Tensor]], k: int, *, nonneg: bool = False) -> float:
     """Exact k-th smallest (1-based) fp32 value over the chunks yielded by ``chunks()``.
 
     ``chunks`` is called twice (two radix passes of 16 bits on the order-preserving int32
