@@ -142,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         "--num-supernodes", type=int, default=0, help="default: one per client partition"
     )
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs per simulated client (Ray)")
-    ap.add_argument("--flwr-home", default=str(ROOT / ".flwr-home"))
+    ap.add_argument(
+        "--flwr-home",
+        default="",
+        help="Flower's state folder (default: .flwr-home/<run-name>, one per run, so "
+        "concurrent simulations never share or stop each other's SuperLink)",
+    )
     ap.add_argument("--app", default=str(ROOT))
     args = ap.parse_args(argv)
 
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.setdefault(
             "min-train-nodes", min(cfg.min_train_nodes, overrides["min-available-nodes"])
         )
-    flwr_home = Path(args.flwr_home).resolve()
+    flwr_home = Path(args.flwr_home or ROOT / ".flwr-home" / run_name).resolve()
     write_federation(flwr_home, n_nodes, args.num_cpus)
     override_file = flwr_home / f"run-config-{run_name}.toml"
     override_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in overrides.items()))
