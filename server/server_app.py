@@ -79,6 +79,8 @@ def main(grid: Grid, context: Context) -> None:
         len(fed.clients),
         ", ".join(fed.client_names),
     )
+    n_params = sum(t.numel() for t in wb.initial.values())
+    log(INFO, "fedtune: %s adapter: %d trainable parameters", cfg.adapter, n_params)
     log(
         INFO,
         "fedtune: majority-class baseline on the held-out split: %.4f",
