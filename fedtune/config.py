@@ -37,7 +37,7 @@ class Config:
 
     # run
     seed: int = 0
-    num_rounds: int = 8
+    num_rounds: int = 6
     output_dir: str = "runs"
     run_name: str = ""
     resume: str = ""
@@ -71,9 +71,9 @@ class Config:
     mos_l: int = 4
     mos_disable: str = ""  # comma list of: subset, pair, vector, private (ablations)
     # local training
-    local_steps: int = 10
+    local_steps: int = 20
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     device: str = "auto"
