@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedtune import merging, pipeline, rng  # noqa: E402
-from fedtune.config import defaults_from_pyproject, parse  # noqa: E402
+from fedtune import merging, pipeline, rng
+from fedtune.config import defaults_from_pyproject, parse
 
 
 def main(overrides: dict[str, object], rounds: int) -> None:
@@ -46,4 +46,7 @@ def main(overrides: dict[str, object], rounds: int) -> None:
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}, int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+    main(
+        json.loads(sys.argv[1]) if len(sys.argv) > 1 else {},
+        int(sys.argv[2]) if len(sys.argv) > 2 else 3,
+    )
