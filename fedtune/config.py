@@ -37,7 +37,7 @@ class Config:
 
     # run
     seed: int = 0
-    num_rounds: int = 6
+    num_rounds: int = 5
     output_dir: str = "runs"
     run_name: str = ""
     resume: str = ""
