@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     override_file = flwr_home / f"run-config-{run_name}.toml"
     override_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in overrides.items()))
 
-    http_port, control_port = _free_ports(2)
+    http_port, control_port = free_ports(2)
     env = {
         **os.environ,
         # our own ports: a SuperLink of another run (or user) on Flower's fixed defaults
@@ -279,7 +279,7 @@ def start_superlink(
     )
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     """``n`` distinct free TCP ports on the loopback interface."""
     socks = []
     try:

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,23 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from fedtune.launch import free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 RUN_TIMEOUT_S = 900  # a loaded 2-core CI box needs ~3 min; every message starts a fresh process
 NODES = 3
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Deployment:
@@ -157,7 +145,7 @@ def test_three_supernodes_run_two_rounds_over_loopback(
     deployment, tiny_run_config, tmp_path, secure
 ):
     d = deployment
-    link_port, *node_ports = _free_ports(1 + NODES + 1)
+    link_port, *node_ports = free_ports(1 + NODES + 1)
     link = f"127.0.0.1:{link_port}"
     mode = [] if secure else ["--insecure"]
 

@@ -28,7 +28,12 @@ def test_two_round_simulation_saves_a_peft_adapter_that_reproduces_accuracy(
             pid
             for pid, (_, cmd) in _process_table().items()
             if _state(pid) not in ("", "Z")
-            and ("flower-superlink" in cmd or "flwr-simulation" in cmd or "ray::" in cmd or "raylet" in cmd)
+            and (
+                "flower-superlink" in cmd
+                or "flwr-simulation" in cmd
+                or "ray::" in cmd
+                or "raylet" in cmd
+            )
         }
 
     before = ours()

@@ -12,7 +12,9 @@ from fedtune.launch import parse_overrides
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "simulations").glob("*.toml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "simulations").glob("*.toml")), ids=lambda p: p.stem
+)
 def test_simulation_config_is_valid(path):
     overrides = parse_overrides([str(path)])
     assert overrides, "empty config"

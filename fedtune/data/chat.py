@@ -38,8 +38,7 @@ from typing import Any, Literal
 import torch
 from datasets import Dataset
 
-from fedtune import rng
-from fedtune.data.text import DataError, Federation, partition, split_test
+from fedtune.data.text import DataError, Federation, split_and_partition
 from fedtune.registry import Registry
 
 IGNORE_INDEX = -100
@@ -459,15 +458,9 @@ def build_chat_federation(
         names = sorted(set(ds["client"]))
         index = {c: i for i, c in enumerate(names)}
         ds = ds.add_column("label", [index[c] for c in ds["client"]])
-    pool, test = split_test(ds, test_fraction, max_test, rng.derive_key(seed, 0x5E57))
-    clients, client_names = partition(pool, how, num_partitions, alpha, seed)
-    if max_per_client:
-        clients = [c.select(range(min(len(c), max_per_client))) for c in clients]
-    empty = [n for n, c in zip(client_names, clients, strict=True) if len(c) == 0]
-    if empty:
-        raise ChatDataError(
-            f"partitioning left client(s) {empty} without data; use fewer partitions"
-        )
+    clients, client_names, test = split_and_partition(
+        ds, how, num_partitions, alpha, test_fraction, max_test, max_per_client, seed
+    )
     return Federation("causal-lm", 0, [], clients, client_names, test)
 
 

