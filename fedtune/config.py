@@ -94,6 +94,7 @@ class Config:
     merger: str = "fedavg"
     server_opt: str = "none"
     clip_norm: float = 0.0
+    clip_mode: Literal["fixed", "median"] = "fixed"
     # (name, value) pairs, sorted: tuples keep the config hashable (it keys per-process caches)
     codec_options: tuple[tuple[str, Scalar], ...] = ()
     merger_options: tuple[tuple[str, Scalar], ...] = ()

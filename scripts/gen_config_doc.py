@@ -60,7 +60,10 @@ HELP = {
     "codec": "'dense', 'gaussian', 'rademacher', 'srht', 'countsketch', 'spsa' (options: codec-*)",
     "merger": "merge strategy (options: merger-*); see docs/extending.md",
     "server-opt": "'none', 'sgd', 'fedavgm', 'fedadam', 'fedyogi', 'fedadagrad' (options: server-opt-*)",
-    "clip-norm": "clip each client's update to this L2 norm before merging (0 = off)",
+    "clip-norm": "clip each client's update to this L2 norm before merging (0 = off); with "
+    "`clip-mode=\"median\"` a multiple of the round's median update norm",
+    "clip-mode": "`fixed`: `clip-norm` is an absolute L2 bound; `median`: the bound is `clip-norm` "
+    "times the median norm of the round's valid updates (FLAME, Nguyen et al. 2022)",
 }
 
 

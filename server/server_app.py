@@ -35,7 +35,11 @@ def _strategy(cfg: Config, spec: dict, on_round) -> FedTuneStrategy:  # type: ig
         spec=spec,
         run_seed=cfg.seed,
         min_valid=cfg.min_train_nodes,
-        clip=merging.NormClip(max_norm=cfg.clip_norm) if cfg.clip_norm > 0 else None,
+        clip=(
+            merging.NormClip(cfg.clip_norm, relative=cfg.clip_mode == "median")
+            if cfg.clip_norm > 0
+            else None
+        ),
         on_round=on_round,
         node_wait=cfg.round_timeout,
         fraction_train=cfg.fraction_train,

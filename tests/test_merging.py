@@ -448,3 +448,23 @@ def test_aggregate_applies_clip_then_merges(name: str) -> None:
     assert torch.equal(_cat(got), _cat(ref))
     no_clip = merging.aggregate(merging.get(name), d, w, key=4)
     assert torch.equal(_cat(no_clip), _cat(merging.get(name).merge(d, w, key=4)))
+
+
+def test_norm_clip_median_mode_bounds_outliers_by_the_round_median() -> None:
+    """FLAME-style adaptive clip: the bound is max_norm x the median norm of the round."""
+    honest = [{"a": torch.tensor([3.0, 4.0])}, {"a": torch.tensor([0.0, 6.0])}]  # norms 5, 6
+    attacker = {"a": torch.tensor([-300.0, -400.0])}  # norm 500
+    rule = merging.NormClip(1.0, relative=True)
+    fixed = rule.for_round([*honest, attacker])
+    assert fixed.max_norm == 6.0 and not fixed.relative
+    out = merging.aggregate(merging.get("fedavg"), [*honest, attacker], [1.0, 1.0, 1.0], clip=rule)
+    ref = (honest[0]["a"] + honest[1]["a"] + attacker["a"] * (6.0 / 500.0)) / 3
+    assert torch.allclose(out["a"], ref)
+    # without the clip the attacker dominates the mean
+    plain = merging.aggregate(merging.get("fedavg"), [*honest, attacker], [1.0, 1.0, 1.0])
+    assert plain["a"][1] < -100
+    assert merging.NormClip(2.0, relative=True).for_round(honest).max_norm == 11.0
+    zero = {"a": torch.zeros(2)}
+    assert merging.NormClip(1.0, relative=True).for_round([zero, zero]).max_norm > 0
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rule.for_round([{"a": torch.tensor([float("nan")])}])

@@ -92,6 +92,8 @@ def aggregate(
     """
     if len(deltas) != len(weights):
         raise ValueError(f"got {len(deltas)} deltas but {len(weights)} weights")
+    if clip is not None and deltas:
+        clip = clip.for_round(deltas)  # a relative (median) clip becomes this round's bound
     if getattr(merger, "streaming", False) and hasattr(merger, "add") and hasattr(merger, "finish"):
         if len(deltas) == 0:
             raise ValueError("aggregate needs at least one delta")

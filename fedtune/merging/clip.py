@@ -6,11 +6,20 @@ adapter (all tensors as one vector). This is the clipping of DP-FedAvg (McMahan 
 ``ClipFn``) and of Flower's fixed-clipping wrappers, without the noise. It bounds the
 influence of any single client (Sun et al., "Can You Really Backdoor Federated
 Learning?", 2019, norm-difference clipping).
+
+A fixed bound needs the honest update norm in advance, which changes with the learning rate,
+the adapter and the round. ``relative=True`` sets the bound each round to ``max_norm`` times
+the median whole-adapter norm of that round's updates, as FLAME does (Nguyen et al., "FLAME:
+Taming Backdoors in Federated Learning", USENIX Security 2022, Sec. 4.3, "adaptive
+clipping" with the median of the L2 norms). While fewer than half of the clients are
+malicious the median is bounded by honest norms, so a 100x-scaled update loses its scale.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -19,13 +28,29 @@ from .base import Delta
 
 
 class NormClip:
-    """``clip(delta)`` returns a new dict whose whole-adapter L2 norm is at most ``max_norm``."""
+    """``clip(delta)`` returns a new dict whose whole-adapter L2 norm is at most ``max_norm``.
 
-    def __init__(self, max_norm: float) -> None:
+    With ``relative=True`` the object is a rule, not a bound: :meth:`for_round` turns it into
+    the fixed clip of one round (``max_norm`` x the median norm of that round's deltas).
+    """
+
+    def __init__(self, max_norm: float, relative: bool = False) -> None:
         m = float(max_norm)
         if not (m > 0 and math.isfinite(m)):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
         self.max_norm = m
+        self.relative = relative
+
+    def for_round(self, deltas: Sequence[Delta]) -> NormClip:
+        """The fixed clip to apply to this round's ``deltas`` (``self`` unless relative)."""
+        if not self.relative:
+            return self
+        norms = [self.norm(d) for d in deltas]
+        if not norms or not all(math.isfinite(n) for n in norms):
+            raise ValueError("cannot clip deltas that contain NaN or Inf")
+        # a median of 0 means most clients sent nothing: shrink the rest to (almost) nothing
+        # too; NormClip(0) itself would be invalid
+        return NormClip(max(self.max_norm * statistics.median(norms), 1e-30))
 
     @staticmethod
     def norm(delta: Delta) -> float:
@@ -50,4 +75,6 @@ class NormClip:
         return {k: t * f for k, t in delta.items()}
 
     def __repr__(self) -> str:
+        if self.relative:
+            return f"NormClip(max_norm={self.max_norm} x round median)"
         return f"NormClip(max_norm={self.max_norm})"
