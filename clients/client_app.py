@@ -5,8 +5,9 @@ from __future__ import annotations
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import codecs, pipeline
+from fedtune import codecs, faults, pipeline
 from fedtune.config import Config, parse
+from fedtune.fl import downlink
 from fedtune.fl.records import (
     config_int,
     key_from_config,
@@ -15,6 +16,7 @@ from fedtune.fl.records import (
     record_to_state,
     state_to_record,
     train_inputs,
+    train_residual,
 )
 
 app = ClientApp()
@@ -43,7 +45,8 @@ def _config(context: Context) -> Config:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = _config(context)
-    global_state, config = train_inputs(msg)
+    global_state, config = downlink.receive(msg, context, cfg)  # dense, or rebuilt from payloads
+    faults.inject(cfg, _partition_id(context), config_int(config, "server-round"))
     ef = None
     if cfg.error_feedback:  # the residual lives in the node's Context.state across rounds
         ef = codecs.ErrorFeedback()
@@ -57,6 +60,7 @@ def train(msg: Message, context: Context) -> Message:
         server_round=config_int(config, "server-round"),
         slot=config_int(config, "slot"),
         error_feedback=ef,
+        residual=train_residual(msg),  # factor-mode='exact': FedEx-LoRA base residual
     )
     if ef is not None:
         context.state["error-feedback"] = state_to_record(ef.state_dict())
@@ -83,5 +87,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         state,
         on="client",
         partition_id=_partition_id(context),
+        residual=train_residual(msg),
     )
     return Message(content=RecordDict({"metrics": metrics_record(res)}), reply_to=msg)

@@ -4,6 +4,8 @@ A checkpoint is a folder ``<run>/checkpoint/`` with
 
 * ``adapter.safetensors`` — the global trainable state (fp32),
 * ``server_opt.safetensors`` — the server optimizer's tensors (moments, momentum),
+* ``residual.safetensors`` — ``factor-mode='exact'`` only: the running FedEx-LoRA residual
+  of every adapted layer's frozen weight (absent otherwise; a missing file reads as none),
 * ``state.json`` — round, run seed, the flat config, the optimizer's scalar state and the
   strategy's client identities.
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,8 @@ class Checkpoint:
     adapter: dict[str, torch.Tensor]
     server_opt: dict[str, Any]  # {"tensors": {...}, "scalars": {...}}
     extra: dict[str, Any]
+    # factor-mode='exact': per-layer residual R of the frozen base weights (fedtune.adapters.exact)
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _split_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -59,6 +63,11 @@ def save(run_dir: Path, ck: Checkpoint) -> Path:
     save_file({k: v.contiguous() for k, v in ck.adapter.items()}, str(tmp / "adapter.safetensors"))
     opt_tensors, opt_scalars = _split_state(ck.server_opt)
     save_file(opt_tensors, str(tmp / "server_opt.safetensors"))
+    if ck.residual:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in ck.residual.items()},
+            str(tmp / "residual.safetensors"),
+        )
     meta = {
         "version": VERSION,
         "round": ck.round,
@@ -87,6 +96,11 @@ def load(run_dir: Path) -> Checkpoint:
         meta = json.loads((d / "state.json").read_text())
         adapter = load_file(str(d / "adapter.safetensors"))
         opt = load_file(str(d / "server_opt.safetensors"))
+        residual = (
+            load_file(str(d / "residual.safetensors"))
+            if (d / "residual.safetensors").is_file()
+            else {}
+        )
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint in '{run_dir}' is unreadable: {e}") from None
     if meta.get("version") != VERSION:
@@ -101,11 +115,21 @@ def load(run_dir: Path) -> Checkpoint:
         adapter={k: adapter[k] for k in order},
         server_opt={**opt, **meta["server_opt_scalars"]},
         extra=meta.get("extra", {}),
+        residual=residual,
     )
 
 
 #: config keys that may differ between the interrupted run and its resumption
-RESUMABLE_CHANGES = {"num-rounds", "resume", "run-name", "output-dir", "round-timeout", "device"}
+# downlink changes only how the same global adapter travels (clients rebuild it bit for bit)
+RESUMABLE_CHANGES = {
+    "num-rounds",
+    "resume",
+    "run-name",
+    "output-dir",
+    "round-timeout",
+    "device",
+    "downlink",
+}
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:

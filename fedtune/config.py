@@ -83,12 +83,20 @@ class Config:
     attack: Literal["none", "sign-flip", "scale", "noise"] = "none"
     attack_fraction: float = 0.2
     attack_scale: float = 100.0
+    # fault injection for tests and demos (fedtune/faults.py): chosen clients fail on purpose
+    fault: Literal["none", "raise", "hang", "exit"] = "none"
+    fault_clients: str = ""  # comma list of partition ids
+    fault_rounds: str = ""  # comma list of rounds; "" = every round
+    fault_seconds: float = 3600.0  # how long fault='hang' blocks before training
     # server
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout: float = 900.0
     eval_batch_size: int = 64
+    # what a train message carries: the dense global adapter, or the payloads of the rounds the
+    # client missed so it rebuilds the adapter itself (docs/downlink.md); 'auto' = fewer bytes
+    downlink: Literal["dense", "payloads", "auto"] = "dense"
     # pluggable methods
     codec: str = "dense"
     merger: str = "fedavg"
@@ -147,6 +155,7 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "eval_batch_size": (1, 65536, "a positive integer"),
     "zo_eps": (1e-9, 1.0, "a perturbation scale in (0, 1]"),
     "attack_fraction": (0.0, 1.0, "a fraction in [0, 1]"),
+    "fault_seconds": (0.0, None, "a non-negative number of seconds"),
     "clip_norm": (0.0, None, "0 (off) or a positive norm"),
 }
 
@@ -240,7 +249,21 @@ def parse(run_config: Mapping[str, Any], *, validate_methods: bool = True) -> Co
     return cfg
 
 
+def int_list(cfg: Config, field: str) -> list[int]:
+    """A comma-list field (``fault-clients='0,3'``) as integers; ConfigError names the key."""
+    text = getattr(cfg, field)
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        key = field.replace("_", "-")
+        raise ConfigError(
+            f"run-config key '{key}' is {text!r}; it must be a comma list of integers"
+        ) from None
+
+
 def _check_consistency(cfg: Config) -> None:
+    for field in ("fault_clients", "fault_rounds"):
+        int_list(cfg, field)
     if cfg.min_train_nodes > cfg.min_available_nodes:
         raise ConfigError(
             f"run-config key 'min-train-nodes' ({cfg.min_train_nodes}) must not exceed "
@@ -251,10 +274,9 @@ def _check_consistency(cfg: Config) -> None:
             f"run-config key 'device' is {cfg.device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'"
         )
     if cfg.factor_mode == "exact":
-        raise ConfigError(
-            "run-config key 'factor-mode' is 'exact' (FedEx-LoRA residual folding), which is not "
-            "implemented yet; allowed now: 'factors', 'ffa'"
-        )
+        _check_exact(cfg)
+    if cfg.downlink != "dense":
+        _check_downlink(cfg)
     bad = [x for x in cfg.mos_disable.split(",") if x.strip() and x.strip() not in _MOS_SWITCHES]
     if bad:
         raise ConfigError(
@@ -266,6 +288,63 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             "run-config key 'partitioning' is 'natural' but 'client-column' is empty; "
             "name the column that holds each row's client, or use partitioning='iid'/'dirichlet'"
+        )
+
+
+def _check_exact(cfg: Config) -> None:
+    """``factor-mode='exact'`` (FedEx-LoRA) folds ``Σ w_k B_k A_k − B̄ Ā`` into the base weight,
+    which is exact only if the new global factors are the weighted means ``Ā``, ``B̄``."""
+    opts = dict(cfg.merger_options)
+    scale, normalize = opts.get("scale", 1.0), opts.get("normalize", True)
+    unit_ta = (
+        cfg.merger == "task-arithmetic"
+        and isinstance(scale, int | float)
+        and not isinstance(scale, bool)
+        and float(scale) == 1.0
+        and normalize is True
+    )
+    if cfg.merger != "fedavg" and not unit_ta:
+        what = f"{cfg.merger!r}" + (f" with options {opts}" if opts else "")
+        raise ConfigError(
+            f"run-config key 'merger' is {what} but factor-mode='exact' makes each adapted weight "
+            "the weighted mean of the clients' weights, so it needs that mean: 'fedavg' (or "
+            "'task-arithmetic' with merger-scale=1, merger-normalize=true); the residual would "
+            "silently undo a nonlinear merge of A and B"
+        )
+    if cfg.server_opt != "none":
+        raise ConfigError(
+            f"run-config key 'server-opt' is {cfg.server_opt!r} but factor-mode='exact' needs "
+            "'none': the residual folds the clients' mean product into the base weights, so an "
+            "optimizer step on A and B would be undone there and act only on the other tensors"
+        )
+
+
+def _check_downlink(cfg: Config) -> None:
+    """A client can rebuild the global adapter bit for bit only from a stateless, linear
+    update with a decoder that rounds the same everywhere (fedtune/downlink.py)."""
+    from fedtune.downlink import INEXACT_CODECS, LINEAR_MERGERS, STATELESS_SERVER_OPTS
+
+    why = f"downlink={cfg.downlink!r} makes clients rebuild the global adapter from payloads"
+    if cfg.merger not in LINEAR_MERGERS:
+        raise ConfigError(
+            f"run-config key 'merger' is {cfg.merger!r} but {why}, which is exact only for a "
+            f"linear merger: {', '.join(LINEAR_MERGERS)}; use downlink='dense'"
+        )
+    if cfg.server_opt not in STATELESS_SERVER_OPTS:
+        raise ConfigError(
+            f"run-config key 'server-opt' is {cfg.server_opt!r} but {why}, and clients cannot "
+            f"replay optimizer state they never saw; allowed: "
+            f"{', '.join(STATELESS_SERVER_OPTS)}, or downlink='dense'"
+        )
+    if cfg.codec in INEXACT_CODECS:
+        raise ConfigError(
+            f"run-config key 'codec' is {cfg.codec!r} but {why}, and its decoder sums with BLAS "
+            "(rounding can differ between machines); use srht, countsketch, dense or spsa"
+        )
+    if cfg.factor_mode == "exact":
+        raise ConfigError(
+            f"run-config key 'factor-mode' is 'exact' but {why}; exact mode sends its dense "
+            "residual with every train message anyway, so use downlink='dense'"
         )
 
 

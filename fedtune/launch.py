@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -31,6 +32,8 @@ from typing import Any
 from fedtune.config import ConfigError, defaults_from_pyproject, load_toml, parse
 
 ROOT = Path(__file__).resolve().parents[1]
+
+STOP_GRACE_S = 60.0  # after the final adapter is saved (see run_flwr)
 
 _KV = re.compile(r"""([A-Za-z0-9_.-]+)\s*=\s*('[^']*'|"[^"]*"|\S+)""")
 
@@ -131,7 +134,15 @@ def write_federation(flwr_home: Path, num_supernodes: int, num_cpus: int) -> Non
     )
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so the ``finally`` below stops the
+    SuperLink, the simulation and Ray instead of leaving them running."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     ap = argparse.ArgumentParser(
         prog="python -m fedtune.launch", description=__doc__.split("\n")[0]
     )
@@ -149,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         "concurrent simulations never share or stop each other's SuperLink)",
     )
     ap.add_argument("--app", default=str(ROOT))
+    ap.add_argument(
+        "--stop-grace",
+        type=float,
+        default=STOP_GRACE_S,
+        help="seconds to wait for the simulation to stop after the server saved the final "
+        "adapter; a ClientApp still running (a hanging client) is then stopped",
+    )
     args = ap.parse_args(argv)
 
     try:
@@ -207,19 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     flwr = Path(sys.executable).with_name("flwr")
     cmd = [str(flwr), "run", args.app, "local", "--stream", "--run-config", str(override_file)]
     stop_superlink(flwr_home)  # a SuperLink left from an earlier run would keep its old env
+    run_dir = Path(cfg.resume) if cfg.resume else out_dir / run_name
     try:
         start_superlink(flwr_home, http_port, control_port, env)
-        proc = subprocess.run(cmd, env=env, check=False)
+        returncode = run_flwr(
+            cmd, env, run_dir / "adapter" / "adapter_model.safetensors", args.stop_grace
+        )
     except RuntimeError as e:
         print(f"fedtune: error: {e}", file=sys.stderr)
         return 1
     finally:
         stop_superlink(flwr_home)
-    run_dir = Path(cfg.resume) if cfg.resume else out_dir / run_name
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists() or not (run_dir / "adapter").exists():
         print(
-            f"fedtune: error: the run did not complete (flwr exit code {proc.returncode}); see the log above",
+            f"fedtune: error: the run did not complete (flwr exit code {returncode}); see the log above",
             file=sys.stderr,
         )
         return 1
@@ -228,6 +248,40 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(MetricsLog(metrics).rows()))
     print(f"fedtune: metrics {metrics}\nfedtune: adapter {run_dir / 'adapter'}")
     return 0
+
+
+def run_flwr(cmd: list[str], env: dict[str, str], done: Path, grace: float) -> int:
+    """Run ``flwr run`` and return its exit code, not waiting long for stuck ClientApps.
+
+    Flower's simulation ends only when every running ClientApp has returned: one that hangs
+    (or runs far past ``round-timeout``) would keep the finished run open as long. Once the
+    server has written ``done`` (the final adapter) we wait ``grace`` seconds more, then stop
+    ``flwr run``; the caller stops the SuperLink with the simulation and Ray under it.
+    """
+    started = time.time()
+    proc = subprocess.Popen(cmd, env=env)
+    finished_at = 0.0
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(OSError):
+            if not finished_at and done.stat().st_mtime >= started:
+                finished_at = time.monotonic()
+        if finished_at and time.monotonic() - finished_at > grace:
+            print(
+                f"fedtune: the server finished, but the simulation is still waiting for a "
+                f"ClientApp after {grace:.0f} s (a client that hangs); stopping it",
+                file=sys.stderr,
+                flush=True,
+            )
+            proc.terminate()
+            try:
+                return proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return proc.wait()
 
 
 def start_superlink(

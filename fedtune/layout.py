@@ -22,3 +22,11 @@ def layout_hash(state: Mapping[str, torch.Tensor]) -> int:
         h.update(str(t.dtype).encode())
         h.update(struct.pack(f"<{t.dim() + 1}q", t.dim(), *t.shape))
     return int.from_bytes(h.digest(), "little")
+
+
+def combine_hashes(*values: int) -> int:
+    """A 64-bit hash of several 64-bit hashes, order-sensitive."""
+    h = hashlib.blake2b(digest_size=8)
+    for v in values:
+        h.update(struct.pack("<Q", v & 0xFFFF_FFFF_FFFF_FFFF))
+    return int.from_bytes(h.digest(), "little")

@@ -64,12 +64,30 @@ def build_adapter(cfg: Config) -> Any:
     raise ValueError(f"unknown adapter {cfg.adapter!r}; allowed: {', '.join(adapters.names())}")
 
 
-def build_codec(cfg: Config) -> Any:
-    """The configured codec; ``spsa`` takes the client's learning rate unless ``codec-lr`` is set."""
+def build_codec(cfg: Config, *, salt: int = 0) -> Any:
+    """The configured codec; ``spsa`` takes the client's learning rate unless ``codec-lr`` is set.
+
+    ``salt`` (see :func:`layout_salt`) goes into the layout hash of every payload; whoever
+    encodes or decodes real payloads must pass it, only option validation may leave it 0.
+    """
     opts = dict(cfg.codec_options)
     if cfg.codec == "spsa":
         opts.setdefault("lr", cfg.lr)
-    return codecs.get(cfg.codec, **opts)
+    codec = codecs.get(cfg.codec, **opts)
+    codec.layout_salt = salt
+    return codec
+
+
+def layout_salt(cfg: Config) -> int:
+    """What the wire layout hash must cover beyond tensor names and shapes: for MoS the
+    digest of the pools' index lists (derived from the run seed), so a client and a server
+    that disagree about them (another seed, switch or shard setting) fail loudly instead of
+    merging shards that mean different things. 0 for LoRA."""
+    if cfg.adapter != "mos":
+        return 0
+    from fedtune.adapters.mos import mos_layout_digest
+
+    return mos_layout_digest(workbench(cfg, federation(cfg)).model)
 
 
 @dataclass
@@ -111,6 +129,7 @@ def client_round(
     server_round: int,
     slot: int,
     error_feedback: codecs.ErrorFeedback | None = None,
+    residual: Tensors | None = None,
 ) -> tuple[bytes, dict[str, float]]:
     """Train locally from ``global_state`` and return (encoded update, metrics).
 
@@ -118,15 +137,18 @@ def client_round(
     (Ferret: local steps, then a seeded projection); with ``codec='spsa'`` the local steps
     are zeroth-order (MeZO) and the payload is one scalar per step. ``error_feedback``
     (client-side memory) adds what earlier projections lost and keeps what this one loses.
+    ``residual`` (``factor-mode='exact'``, FedEx-LoRA) is added to the frozen base weights
+    before training, see :func:`apply_residual`.
     """
     fed = federation(cfg)
     wb = workbench(cfg, fed)
     adapters.load_trainable_state(wb.model, global_state)
+    apply_residual(cfg, wb, residual)
     data = fed.client(partition_id)
     data_key = rng.derive_key(cfg.seed, _CLIENT_DATA, server_round, partition_id)
     collate = collate_for(cfg.task, wb.tokenizer, cfg.max_length)
     batches = shuffled_batches(data, collate, cfg.batch_size, data_key)
-    codec = build_codec(cfg)
+    codec = build_codec(cfg, salt=layout_salt(cfg))
     if cfg.codec == "spsa":
         return _zo_round(cfg, wb, codec, batches, global_state, key, server_round, slot, len(data))
     result = train_local(
@@ -228,13 +250,32 @@ def _zo_round(
     }
 
 
+def apply_residual(cfg: Config, wb: Workbench, residual: Tensors | None) -> None:
+    """``factor-mode='exact'``: set the adapted layers' frozen weights to ``W_0 + residual``.
+
+    Absolute (``W_0`` when ``residual`` is None or empty), because the workbench is cached
+    and reused across rounds, clients and server-side evaluation. No-op in other modes.
+    """
+    if cfg.factor_mode == "exact":
+        from fedtune.adapters import exact
+
+        exact.set_residual(wb.model, residual)
+
+
 def evaluate_state(
-    cfg: Config, state: Tensors, *, on: str = "test", partition_id: int = -1
+    cfg: Config,
+    state: Tensors,
+    *,
+    on: str = "test",
+    partition_id: int = -1,
+    residual: Tensors | None = None,
 ) -> dict[str, float]:
-    """Evaluate the model with adapter ``state`` on the held-out test set (or a client's data)."""
+    """Evaluate the model with adapter ``state`` (and, in exact mode, the base-weight
+    ``residual``) on the held-out test set (or a client's data)."""
     fed = federation(cfg)
     wb = workbench(cfg, fed)
     adapters.load_trainable_state(wb.model, state)
+    apply_residual(cfg, wb, residual)
     ds = fed.test if on == "test" else fed.client(partition_id)
     collate = collate_for(cfg.task, wb.tokenizer, cfg.max_length)
     batches = eval_batches(ds, collate, cfg.eval_batch_size)
@@ -262,7 +303,11 @@ def quiet_libraries() -> None:
 
 
 def generate(
-    cfg: Config, state: Tensors, n: int = 3, max_new_tokens: int = 32
+    cfg: Config,
+    state: Tensors,
+    n: int = 3,
+    max_new_tokens: int = 32,
+    residual: Tensors | None = None,
 ) -> list[tuple[str, str]]:
     """Greedy answers of the model with adapter ``state`` to the first ``n`` held-out prompts."""
     from fedtune.lm import generate_samples
@@ -270,6 +315,7 @@ def generate(
     fed = federation(cfg)
     wb = workbench(cfg, fed)
     adapters.load_trainable_state(wb.model, state)
+    apply_residual(cfg, wb, residual)
     prompts = [str(p) for p in fed.test["prompt"][:n]]
     return list(
         zip(prompts, generate_samples(wb.model, wb.tokenizer, prompts, max_new_tokens), strict=True)

@@ -38,7 +38,9 @@ HELP = {
     "lora-alpha": "LoRA / MoS scaling numerator (scale = alpha / r)",
     "lora-dropout": "adapter dropout",
     "target-modules": "comma list of Linear module names (e.g. 'query,value' or 'q_proj,v_proj')",
-    "factor-mode": "'factors' (average A and B) or 'ffa' (A frozen from the key; only B trained and sent)",
+    "factor-mode": "'factors' (average A and B), 'ffa' (A frozen from the key; only B trained and "
+    "sent) or 'exact' (FedEx-LoRA: average A and B and fold the residual into the base weights; "
+    "needs merger 'fedavg' and server-opt 'none'; see 'Factor modes' below)",
     "mos-r": "MoS rank per layer",
     "mos-e": "MoS equivalent rank (parameter budget = LoRA of rank e)",
     "mos-p": "MoS private rank per layer",
@@ -52,11 +54,20 @@ HELP = {
     "device": "'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'",
     "zo-eps": "SPSA perturbation scale",
     "error-feedback": "client keeps what the projection lost and adds it to its next update",
+    "fault": "fault injection for tests and demos: chosen clients raise, hang or exit "
+    "(docs/reliability.md)",
+    "fault-clients": "comma list of the partition ids that fail (fault != 'none')",
+    "fault-rounds": "comma list of the rounds in which they fail (empty = every round)",
+    "fault-seconds": "how long a client with fault='hang' blocks before training",
     "fraction-train": "fraction of connected clients sampled per round (keyed, reproducible)",
     "min-train-nodes": "fewest valid replies for a round to update the model",
     "min-available-nodes": "nodes to wait for (at most round-timeout seconds)",
     "round-timeout": "seconds to wait for replies (and for nodes)",
     "eval-batch-size": "batch size of server-side evaluation",
+    "downlink": "train messages carry the dense global adapter ('dense'), the payloads of the "
+    "rounds a client missed so it rebuilds the adapter itself ('payloads'; fedavg / "
+    "task-arithmetic, server-opt none / sgd), or whichever is fewer bytes ('auto'); "
+    "see docs/downlink.md",
     "codec": "'dense', 'gaussian', 'rademacher', 'srht', 'countsketch', 'spsa' (options: codec-*)",
     "merger": "merge strategy (options: merger-*); see docs/extending.md",
     "server-opt": "'none', 'sgd', 'fedavgm', 'fedadam', 'fedyogi', 'fedadagrad' (options: server-opt-*)",

@@ -30,7 +30,7 @@ def attempt(over: dict) -> str:
         pipeline.workbench(cfg, fed)
         if partition is not None:
             fed.client(partition)
-    except Exception as e:  # noqa: BLE001 - we want the message whatever the type
+    except Exception as e:
         return f"{type(e).__name__}: {e}"
     return "(accepted)"
 

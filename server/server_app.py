@@ -12,6 +12,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune import adapters, checkpoint, merging, pipeline
+from fedtune.adapters import exact
 from fedtune.config import Config, ConfigError, parse
 from fedtune.data import DataError
 from fedtune.fl.records import record_to_state, state_to_record
@@ -27,9 +28,16 @@ def _fail(e: Exception) -> None:
     sys.exit(f"fedtune: {e}")
 
 
-def _strategy(cfg: Config, spec: dict, on_round) -> FedTuneStrategy:  # type: ignore[type-arg]
+def _strategy(
+    cfg: Config,
+    spec: dict,  # type: ignore[type-arg]
+    on_round,
+    exact_state: exact.ExactResidual | None = None,
+) -> FedTuneStrategy:
     return FedTuneStrategy(
-        codec=pipeline.build_codec(cfg),
+        exact=exact_state,
+        downlink=cfg.downlink,
+        codec=pipeline.build_codec(cfg, salt=pipeline.layout_salt(cfg)),
         merger=merging.get(cfg.merger, **dict(cfg.merger_options)),
         server_opt=merging.get_server_opt(cfg.server_opt, **dict(cfg.server_opt_options)),
         spec=spec,
@@ -69,11 +77,21 @@ def main(grid: Grid, context: Context) -> None:
     (run_dir / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2))
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     pending: dict[int, RoundStats] = {}
-    strategy = _strategy(cfg, wb.initial, lambda s: pending.__setitem__(s.round, s))
+    # factor-mode='exact' (FedEx-LoRA): the server keeps the running base-weight residual
+    ex = exact.ExactResidual(exact.exact_layers(wb.model)) if cfg.factor_mode == "exact" else None
+    strategy = _strategy(cfg, wb.initial, lambda s: pending.__setitem__(s.round, s), ex)
+    # a fresh run starts from the keyed initial adapter, which clients build themselves too
+    strategy.downlink.client_initial = ck is None
+
+    def residual() -> dict | None:  # type: ignore[type-arg]
+        return ex.residual if ex is not None else None
+
     state, first_round = wb.initial, 1
     if ck is not None:
         state, first_round = ck.adapter, ck.round + 1
         strategy.server_opt.load_state_dict(ck.server_opt)
+        if ex is not None:
+            ex.load_state_dict(ck.residual)
         metrics.truncate_after(ck.round)  # rows evaluated after the checkpoint are redone
         log(INFO, "fedtune: resuming %s after round %d", run_dir, ck.round)
     log(
@@ -92,7 +110,7 @@ def main(grid: Grid, context: Context) -> None:
     )
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        res = pipeline.evaluate_state(cfg, record_to_state(arrays))
+        res = pipeline.evaluate_state(cfg, record_to_state(arrays), residual=residual())
         s = pending.pop(server_round, RoundStats(server_round))
         row = {
             "round": server_round,
@@ -107,7 +125,7 @@ def main(grid: Grid, context: Context) -> None:
         metrics.append(row)
         log(INFO, "fedtune: %s", round_line(row))
         if cfg.task == "causal-lm":  # a few greedy answers per round, to read progress
-            samples = pipeline.generate(cfg, record_to_state(arrays), n=3)
+            samples = pipeline.generate(cfg, record_to_state(arrays), n=3, residual=residual())
             with (run_dir / "generations.jsonl").open("a") as f:
                 for prompt, answer in samples:
                     f.write(
@@ -126,6 +144,7 @@ def main(grid: Grid, context: Context) -> None:
                 adapter=record_to_state(arrays),
                 server_opt=strategy.server_opt.state_dict(),
                 extra={},
+                residual=dict(residual() or {}),
             ),
         )
 
@@ -141,4 +160,12 @@ def main(grid: Grid, context: Context) -> None:
     adapters.load_trainable_state(wb.model, record_to_state(final))
     wb.adapter.export_peft(wb.model, run_dir / "adapter")
     log(INFO, "fedtune: final adapter (PEFT format) saved to %s", run_dir / "adapter")
+    totals = {
+        str(slot): {"bytes-up": up, "bytes-down": down}
+        for slot, (up, down) in strategy.byte_totals().items()
+    }
+    (run_dir / "bytes-per-client.json").write_text(json.dumps(totals, indent=2))
+    if ex is not None:  # the adapter alone is not the model: base + residual + adapter is
+        path = exact.save_residual(run_dir / "adapter", ex.residual)
+        log(INFO, "fedtune: exact mode: add %s to the base weights before loading it", path)
     log(INFO, "\n%s", summary_table(metrics.rows()))

@@ -27,7 +27,7 @@ def main(overrides: dict[str, object], rounds: int) -> None:
     fed = pipeline.federation(cfg)
     wb = pipeline.workbench(cfg, fed)
     state = dict(wb.initial)
-    codec = pipeline.build_codec(cfg)
+    codec = pipeline.build_codec(cfg, salt=pipeline.layout_salt(cfg))
     merger = merging.get(cfg.merger, **dict(cfg.merger_options))
     opt = merging.get_server_opt(cfg.server_opt, **dict(cfg.server_opt_options))
     print(overrides, "r0", pipeline.evaluate_state(cfg, state), flush=True)

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 RUN_TIMEOUT_S = 900  # a loaded 2-core CI box needs ~3 min; every message starts a fresh process
 NODES = 3
+DISCONNECT_RUN_TIMEOUT_S = 600  # a run that loses a SuperNode must still end
 
 
 class Deployment:
@@ -139,6 +140,38 @@ def _wait_for_nodes(d: Deployment, n: int, limit: float = 180) -> None:
     raise AssertionError(f"fewer than {n} SuperNodes came online: {nodes}")
 
 
+def _start_supernodes(d: Deployment, link: str, ports: list[int], mode: list[str]) -> None:
+    """SuperNode i holds partition i of len(ports); returns once all are online."""
+    for i, port in enumerate(ports):
+        d.script(
+            "supernode", "--partition", str(i), "--num-partitions", str(len(ports)),
+            "--superlink", link, "--runtime-port", str(port), *mode,
+        )  # fmt: skip
+    _wait_for_nodes(d, len(ports))
+
+
+def _start_run(d: Deployment, cfg: dict) -> int:
+    """``deploy/run.sh --detach`` with ``cfg`` as run-config overrides; returns the run id."""
+    kv = " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())
+    out = d.script("run", "--detach", "-c", kv)
+    return int(json.loads(out[out.index("{") : out.rindex("}") + 1])["run-id"])
+
+
+def _wait_for_run(d: Deployment, run_id: int, limit: float) -> str:
+    """The run's status once it is finished, or its last status after ``limit`` s."""
+    end, status = time.monotonic() + limit, ""
+    while time.monotonic() < end:
+        status = d.flwr("list", "fedtune", "--run-id", str(run_id))["runs"][0]["status"]
+        if status.startswith("finished"):
+            break
+        time.sleep(5)
+    return status
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("secure", [True, False], ids=["tls-auth", "insecure"])
 def test_three_supernodes_run_two_rounds_over_loopback(
@@ -162,12 +195,7 @@ def test_three_supernodes_run_two_rounds_over_loopback(
         )
         assert out.count("registered successfully") == NODES, out
 
-    for i in range(NODES):
-        d.script(
-            "supernode", "--partition", str(i), "--num-partitions", str(NODES),
-            "--superlink", link, "--runtime-port", str(node_ports[i]), *mode,
-        )  # fmt: skip
-    _wait_for_nodes(d, NODES)
+    _start_supernodes(d, link, node_ports[:NODES], mode)
 
     if secure:
         # a SuperNode whose key was never registered is turned away and exits; the script
@@ -196,23 +224,14 @@ def test_three_supernodes_run_two_rounds_over_loopback(
         "min-available-nodes": NODES,
         "run-name": "deployed",
     }
-    kv = " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())
-    out = d.script("run", "--detach", "-c", kv)
-    run_id = json.loads(out[out.index("{") : out.rindex("}") + 1])["run-id"]
-
-    end, status = time.monotonic() + RUN_TIMEOUT_S, ""
-    while time.monotonic() < end:
-        runs = d.flwr("list", "fedtune", "--run-id", str(run_id))["runs"]
-        status = runs[0]["status"]
-        if status.startswith("finished"):
-            break
-        time.sleep(5)
+    run_id = _start_run(d, cfg)
+    status = _wait_for_run(d, run_id, RUN_TIMEOUT_S)
     assert status == "finished:completed", (
         f"run {run_id} ended as {status!r}:\n{d.log('superlink')[-3000:]}"
     )
 
     run_dir = Path(tiny_run_config["output-dir"]) / "deployed"
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["valid-replies"] == NODES and r["dropped-replies"] == 0 for r in rows[1:])
     assert all(r["bytes-up"] > 0 and r["bytes-down"] > 0 for r in rows[1:])
@@ -226,6 +245,61 @@ def test_three_supernodes_run_two_rounds_over_loopback(
     d.script("stop", timeout=60)
     assert not [p for p in d.known if _running(p)], "deploy/stop.sh left processes behind"
     assert not list((d.dir / "pids").glob("*.pid"))
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_during_a_round_leaves_the_run_to_the_others(
+    deployment, tiny_run_config
+):
+    """Disconnect: a SuperNode is SIGKILLed (with its ClientApp) in the middle of round 1.
+
+    The SuperLink stops hearing its heartbeats and, within 2 x 30 s, answers its pending
+    message with Flower's 'Node Unavailable' error (or round-timeout ends the wait first);
+    round 1 merges the other two, round 2 samples only the nodes still online, and the run
+    completes. The victim's ClientApp hangs (fault='hang') so the kill lands inside round 1.
+    """
+    import psutil
+
+    d = deployment
+    link_port, *node_ports = free_ports(1 + NODES)
+    link = f"127.0.0.1:{link_port}"
+    d.script("superlink", "--host", "127.0.0.1", "--port", str(link_port), "--insecure")
+    d.script("connect", "--superlink", link, "--insecure")
+    _start_supernodes(d, link, node_ports, ["--insecure"])
+
+    victim = NODES - 1
+    cfg = {
+        **tiny_run_config,
+        "min-train-nodes": 2,
+        "min-available-nodes": 2,
+        "round-timeout": 120.0,
+        "fault": "hang",
+        "fault-clients": str(victim),
+        "fault-rounds": "1",
+        "fault-seconds": 600.0,
+        "run-name": "disconnect",
+    }
+    t0 = time.monotonic()
+    run_id = _start_run(d, cfg)
+    end = time.monotonic() + 300
+    while f"injected fault 'hang' in client {victim}, round 1" not in d.log(f"supernode-{victim}"):
+        assert time.monotonic() < end, d.log(f"supernode-{victim}")[-3000:]
+        time.sleep(0.5)
+    d.remember()  # its ClientApp too, for the teardown
+    root = psutil.Process(d.pid(f"supernode-{victim}"))
+    for p in [*root.children(recursive=True), root]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    status = _wait_for_run(d, run_id, DISCONNECT_RUN_TIMEOUT_S)
+    elapsed = time.monotonic() - t0
+    assert status == "finished:completed", (
+        f"run {run_id} ended as {status!r} after {elapsed:.0f} s:\n{d.log('superlink')[-3000:]}"
+    )
+    rows = _rows(Path(tiny_run_config["output-dir"]) / "disconnect")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["valid-replies"] == NODES - 1 and not r["skipped"] for r in rows[1:]), rows
+    assert rows[1]["dropped-replies"] in (0, 1)  # 'Node Unavailable' reply, or the timeout
+    assert rows[2]["dropped-replies"] == 0  # round 2 no longer samples the dead node
 
 
 def _running(pid: int) -> bool:

@@ -201,3 +201,57 @@ def test_compare_script_on_a_tiny_model(tiny_run_config, tmp_path):
     report = (run / "report.md").read_text()
     assert "a_lora_dense_fedavg" in report and "d_mos_srht_ties" in report
     assert (run / "compare.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_superlink_simulation_and_ray(tiny_run_config, tmp_path):
+    """`kill <launcher>` (or a CI timeout) must not leave a SuperLink, simulation or Ray behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fedtune.launch import _process_table, _state
+
+    def descendants(root: int) -> set[int]:
+        table, out, todo = _process_table(), set(), [root]
+        while todo:
+            parent = todo.pop()
+            for pid, (ppid, _) in table.items():
+                if ppid == parent and pid not in out and _state(pid) not in ("", "Z"):
+                    out.add(pid)
+                    todo.append(pid)
+        return out
+
+    cfg = {**tiny_run_config, "num-rounds": 50, "run-name": "long"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedtune.launch",
+            "-c",
+            _kv(cfg),
+            "--flwr-home",
+            str(tmp_path / "h"),
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = tmp_path / "runs" / "long" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    try:
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "no round finished"
+            time.sleep(0.2)
+        tree = descendants(proc.pid)
+        assert tree, "the launcher has no child processes to stop"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) != 0
+        time.sleep(1.0)
+        left = {p for p in tree if _state(p) not in ("", "Z")}
+        assert not left, [_process_table().get(p, (0, "?"))[1][:120] for p in left]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

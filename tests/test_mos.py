@@ -539,3 +539,38 @@ def test_model_validation() -> None:
         mos_layout_digest(tiny_bert())
     with pytest.raises(Exception, match="has no option"):
         REGISTRY.get("mos", rank=4)
+
+
+def test_wire_layout_hash_covers_mos_index_lists(tmp_path: Path) -> None:
+    """A MoS payload built for other index lists (another seed) is rejected by the wire check,
+    although every tensor name and shape agrees (issue 3: lists covered by the layout hash)."""
+    from fedtune import codecs, pipeline
+    from fedtune.config import defaults_from_pyproject, parse
+    from tests.helpers import write_sentiment_csv
+
+    csv_path = write_sentiment_csv(tmp_path / "d.csv")
+    base = {
+        **defaults_from_pyproject(),
+        "model": "tiny-bert",
+        "dataset": "file",
+        "data-path": str(csv_path),
+        "text-column": "sentence",
+        "label-column": "sentiment",
+        "partitioning": "iid",
+        "num-partitions": 2,
+        "adapter": "mos",
+        "mos-r": 2,  # tiny-bert has 2 layers: r - p <= (e - p) * L
+        "codec": "srht",
+        "codec-k": 64,
+    }
+    cfg0, cfg1 = parse({**base, "seed": 0}), parse({**base, "seed": 1})
+    salt0, salt1 = pipeline.layout_salt(cfg0), pipeline.layout_salt(cfg1)
+    assert salt0 != 0 and salt0 != salt1 and salt0 == pipeline.layout_salt(cfg0)
+    assert pipeline.layout_salt(parse({**base, "adapter": "lora"})) == 0
+    state = pipeline.workbench(cfg0, pipeline.federation(cfg0)).initial
+    delta = {k: torch.ones_like(v) for k, v in state.items()}
+    payload = pipeline.build_codec(cfg0, salt=salt0).encode(delta, 5, round=1, slot=0)
+    ok = pipeline.build_codec(cfg0, salt=salt0).decode(payload, like=state, key=5, round=1, slot=0)
+    assert set(ok) == set(state)
+    with pytest.raises(codecs.PayloadError, match="MoS index lists"):
+        pipeline.build_codec(cfg1, salt=salt1).decode(payload, like=state, key=5, round=1, slot=0)

@@ -81,7 +81,7 @@ from torch.nn import functional as F
 
 from fedtune import rng
 from fedtune.adapters.base import REGISTRY, trainable_state
-from fedtune.layout import layout_hash
+from fedtune.layout import combine_hashes, layout_hash
 
 __all__ = [
     "MOS_POOLS_ATTR",
@@ -666,14 +666,6 @@ def mos_layout_digest(model: nn.Module) -> int:
             h.update(f"{name}\0{layer.layer}\0{layer.rank}\0".encode())
             for idx in (layer.mos_index_A, layer.mos_index_B):
                 h.update(idx.detach().to("cpu", torch.int64).numpy().astype("<i8").tobytes())
-    return int.from_bytes(h.digest(), "little")
-
-
-def combine_hashes(*values: int) -> int:
-    """A 64-bit hash of several 64-bit hashes, order-sensitive."""
-    h = hashlib.blake2b(digest_size=8)
-    for v in values:
-        h.update(struct.pack("<Q", v & 0xFFFF_FFFF_FFFF_FFFF))
     return int.from_bytes(h.digest(), "little")
 
 

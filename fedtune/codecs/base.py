@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedtune.layout import layout_hash
+from fedtune.layout import combine_hashes, layout_hash
 
 Delta = Mapping[str, torch.Tensor]
 
@@ -84,8 +84,11 @@ def empty_like_spec(like: Delta) -> dict[str, torch.Tensor]:
     return {n: torch.zeros(t.shape, dtype=torch.float32) for n, t in like.items()}
 
 
-def spec_hash(like: Delta) -> int:
-    return layout_hash(like)
+def spec_hash(like: Delta, salt: int = 0) -> int:
+    """The wire header's layout hash: tensor names, shapes and dtypes, combined with ``salt``
+    when the adapter has structure the tensors do not show (MoS index lists:
+    :func:`fedtune.adapters.mos.mos_layout_digest`)."""
+    return combine_hashes(layout_hash(like), salt) if salt else layout_hash(like)
 
 
 class Codec(abc.ABC):
@@ -99,6 +102,9 @@ class Codec(abc.ABC):
     """
 
     name: ClassVar[str]
+    #: folded into the layout hash of every payload (``spec_hash``); set by
+    #: ``pipeline.build_codec`` so that MoS payloads built for other index lists are rejected
+    layout_salt: int = 0
 
     @abc.abstractmethod
     def encode(self, delta: Any, key: int, *, round: int = 0, slot: int = 0) -> bytes: ...

@@ -227,7 +227,7 @@ class ProjectionCodec(Codec):
             round=round,
             slot=slot,
             key=key,
-            layout=spec_hash(delta),
+            layout=spec_hash(delta, self.layout_salt),
             ks=tuple(ks),
             scales=tuple(scales) if flags & wire.FLAG_SCALES else None,
         )
@@ -248,7 +248,7 @@ class ProjectionCodec(Codec):
         wire.check_header(
             h,
             codec=self.name,
-            layout=spec_hash(like),
+            layout=spec_hash(like, self.layout_salt),
             n_blocks=len(blocks),
             key=key,
             round=round,

@@ -97,7 +97,7 @@ class SpsaCodec(Codec):
             round=round,
             slot=slot,
             key=key,
-            layout=spec_hash(delta.like),
+            layout=spec_hash(delta.like, self.layout_salt),
             ks=(len(g),),
             scales=None,
         )
@@ -117,7 +117,7 @@ class SpsaCodec(Codec):
         wire.check_header(
             h,
             codec=self.name,
-            layout=spec_hash(like),
+            layout=spec_hash(like, self.layout_salt),
             n_blocks=1,
             key=key,
             round=round,

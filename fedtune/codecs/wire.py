@@ -213,7 +213,7 @@ def check_header(
     if h.layout != layout:
         raise PayloadError(
             f"layout hash mismatch: payload {h.layout:#018x}, expected {layout:#018x} "
-            "(different adapter tensors, shapes or dtypes)"
+            "(different adapter tensors, shapes or dtypes, or MoS index lists)"
         )
     if round is not None and h.round != round:
         raise PayloadError(f"round mismatch: payload is for round {h.round}, expected {round}")

@@ -89,3 +89,14 @@ def config_int(config: ConfigRecord, name: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         raise RecordError(f"train config has no integer '{name}', got {v!r}")
     return v
+
+
+RESIDUAL = "residual"
+"""Train-message ArrayRecord with the FedEx-LoRA base-weight residual (factor-mode='exact')."""
+
+
+def train_residual(msg: Message) -> dict[str, torch.Tensor] | None:
+    """The residual a train / evaluate message carries (exact mode), or None (= zero)."""
+    if RESIDUAL not in msg.content.array_records:
+        return None
+    return record_to_state(msg.content.array_records[RESIDUAL])

@@ -28,7 +28,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune import rng
+from fedtune.downlink import Chain, History, Step, Update, state_digest
+from fedtune.fl.downlink import DOWNLINK, chain_to_record
 from fedtune.fl.records import (
+    RESIDUAL,
     RecordError,
     key_to_config,
     metrics_record,
@@ -57,6 +60,7 @@ class RoundStats:
     bytes_down: int = 0  # sum over sent messages of the ArrayRecord bytes
     skipped: bool = False
     update_norm: float = 0.0
+    chains: int = 0  # train messages that carried a payload chain instead of the dense adapter
 
 
 class FedTuneStrategy(FedAvg):
@@ -75,6 +79,9 @@ class FedTuneStrategy(FedAvg):
         max_update_norm: float = 0.0,
         on_round: Callable[[RoundStats], None] | None = None,
         node_wait: float = 300.0,
+        exact: Any = None,
+        downlink: str = "dense",
+        client_initial: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(fraction_evaluate=0.0, **fedavg_kwargs)
@@ -89,8 +96,16 @@ class FedTuneStrategy(FedAvg):
         self.clip = clip
         self.max_update_norm = max_update_norm
         self.on_round = on_round
+        # factor-mode='exact': a fedtune.adapters.exact.ExactResidual holding the running
+        # FedEx-LoRA residual of the frozen base weights; None in the other modes
+        self.exact = exact
         self.current: Tensors = {}
         self.issued: dict[int, tuple[int, int]] = {}  # node id -> (slot, key) of this round
+        # downlink = 'payloads' / 'auto': past rounds' payloads and what each slot holds;
+        # client_initial: clients can build version 0 (the keyed initial adapter) themselves
+        self.downlink = History(downlink, client_initial=client_initial)
+        self.slot_bytes: dict[int, list[int]] = {}  # slot -> [bytes up, bytes down], whole run
+        self._dense_bytes = 0  # bytes of the dense adapter record (auto mode prunes with it)
         self.history: list[RoundStats] = []
         self._stats = RoundStats(0)
 
@@ -175,6 +190,11 @@ class FedTuneStrategy(FedAvg):
         self.issued = {}
         messages = []
         down = arrays.count_bytes()
+        extra = self._residual_records()
+        down += sum(r.count_bytes() for r in extra.values())
+        dense = self._dense_bytes = arrays.count_bytes()
+        digest = state_digest(self.current) if self.downlink.mode != "dense" else b""
+        total_down = chains = 0
         for node_id in by_slot:
             slot = self.slots[node_id]
             key = self.client_key(server_round, slot)
@@ -183,15 +203,19 @@ class FedTuneStrategy(FedAvg):
             cfg["server-round"] = server_round
             cfg["slot"] = slot
             cfg["key"] = key_to_config(key)
+            state_rec, n_state = self._state_record(slot, server_round - 1, arrays, dense, digest)
+            chains += DOWNLINK in state_rec
+            total_down += down - dense + n_state
+            self.slot_bytes.setdefault(slot, [0, 0])[1] += down - dense + n_state
             messages.append(
                 Message(
-                    content=RecordDict({"arrays": arrays, "config": cfg}),
+                    content=RecordDict({**state_rec, "config": cfg, **extra}),
                     message_type=MessageType.TRAIN,
                     dst_node_id=node_id,
                 )
             )
         self._stats = RoundStats(
-            server_round, sampled=len(messages), bytes_down=down * len(messages)
+            server_round, sampled=len(messages), bytes_down=total_down, chains=chains
         )
         log(INFO, "round %d: sampled %d of %d nodes", server_round, len(messages), len(nodes))
         return messages
@@ -229,11 +253,17 @@ class FedTuneStrategy(FedAvg):
 
         stats = self._stats if self._stats.round == server_round else RoundStats(server_round)
         accepted: list[tuple[int, Tensors, float, float]] = []  # (slot, delta, weight, loss)
+        payloads: dict[int, bytes] = {}  # slot -> accepted payload (compact downlink only)
+        answered: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            self._track_delivery(server_round, node, msg, answered)
             try:
                 if not msg.has_error() and "arrays" in msg.content.array_records:
-                    stats.bytes_up += msg.content.array_records["arrays"].count_bytes()
+                    up = msg.content.array_records["arrays"].count_bytes()
+                    stats.bytes_up += up
+                    if node in self.issued:
+                        self.slot_bytes.setdefault(self.issued[node][0], [0, 0])[0] += up
                 delta, w, loss = self.decode_reply(server_round, msg)
             except (
                 ValueError,
@@ -245,6 +275,12 @@ class FedTuneStrategy(FedAvg):
                 log(WARNING, "round %d: dropped reply from node %s: %s", server_round, node, reason)
                 continue
             accepted.append((self.issued[node][0], delta, w, loss))
+            if self.downlink.mode != "dense":
+                arrays_rec = msg.content.array_records["arrays"]
+                payloads[self.issued[node][0]] = record_to_payload(arrays_rec)
+        if self.downlink.mode != "dense":  # no reply: what that client holds is unknown
+            for node in set(self.issued) - answered:
+                self.downlink.failed(self.issued[node][0])
         # merge in slot order: arrival order varies between runs, the result must not
         accepted.sort(key=lambda a: a[0])
         deltas = [a[1] for a in accepted]
@@ -258,6 +294,7 @@ class FedTuneStrategy(FedAvg):
                 stats.train_loss = sum(lo * w for lo, w in finite) / sum(w for _, w in finite)
         if stats.valid < self.min_valid:
             stats.skipped = True
+            self._record_step(server_round, [], {}, [], [])  # the state is kept
             log(
                 WARNING,
                 "round %d: only %d valid replies (< %d): keeping the previous global adapter",
@@ -268,11 +305,82 @@ class FedTuneStrategy(FedAvg):
             self._finish(stats)
             return None, self._metrics(stats)
         round_key = rng.derive_key(self.run_seed, server_round, _MERGE_TAG)
-        merged = merging.aggregate(self.merger, deltas, weights, clip=self.clip, key=round_key)
+        self._record_step(server_round, [a[0] for a in accepted], payloads, weights, deltas)
+        clip = self.clip
+        if self.exact is not None and clip is not None:
+            # exact mode needs the client factors exactly as merged: clip once, here
+            bound = clip.for_round(deltas)
+            deltas, clip = [bound(d) for d in deltas], None
+        merged = merging.aggregate(self.merger, deltas, weights, clip=clip, key=round_key)
         stats.update_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in merged.values()))
         new_state = self.server_opt.step(self.current, merged)
+        if self.exact is not None:  # FedEx-LoRA: fold Σ w B_k A_k − B̄Ā into the base
+            r_norm = self.exact.update(self.current, deltas, weights, new_state)
+            log(INFO, "round %d: exact-mode residual increment norm %.4g", server_round, r_norm)
         self._finish(stats)
         return state_to_record(new_state), self._metrics(stats)
+
+    def _residual_records(self) -> dict[str, ArrayRecord]:
+        """Exact mode: the dense residual (``Σ d_out·d_in`` fp32 per message), else nothing."""
+        if self.exact is None or not self.exact.residual:
+            return {}  # no record = zero residual: the client restores its original weights
+        return {RESIDUAL: state_to_record(self.exact.residual)}
+
+    # ------------------------------------------------------------------ downlink
+    def _state_record(
+        self, slot: int, version: int, arrays: ArrayRecord, dense: int, digest: bytes
+    ) -> tuple[dict[str, ArrayRecord], int]:
+        """The global-state part of a train message and its bytes: the dense adapter, or with
+        ``downlink='payloads'`` / ``'auto'`` the chain of rounds the slot has not seen."""
+        found = self.downlink.chain(slot, version)
+        if found is not None:
+            base, steps = found
+            rec = chain_to_record(Chain(base, version, digest, tuple(steps)))
+            n = rec.count_bytes()
+            if self.downlink.mode == "payloads" or n < dense:
+                return {DOWNLINK: rec}, n
+        return {"arrays": arrays}, dense
+
+    def _track_delivery(self, server_round: int, node: int, msg: Message, seen: set[int]) -> None:
+        """A reply without error means the client stored version ``server_round - 1``; an
+        error (a failed rebuild among them) means it gets the dense adapter next time."""
+        if node not in self.issued or self.downlink.mode == "dense":
+            return
+        seen.add(node)
+        slot = self.issued[node][0]
+        if msg.has_error():
+            self.downlink.failed(slot)
+        else:
+            self.downlink.delivered(slot, server_round - 1)
+
+    def _record_step(
+        self,
+        server_round: int,
+        slots: list[int],
+        payloads: dict[int, bytes],
+        weights: list[float],
+        deltas: list[Tensors],
+    ) -> None:
+        """Remember what this round applies (accepted payloads in slot order, their keys,
+        weights and the clip factors the merge used) so clients can replay it."""
+        if self.downlink.mode == "dense":
+            return
+        factors = [1.0] * len(deltas)
+        if self.clip is not None and deltas:
+            # the same bound and factors aggregate() applies (same process, same arithmetic)
+            bound = self.clip.for_round(deltas)
+            factors = [bound.factor(d) for d in deltas]
+        updates = tuple(
+            Update(slot, self.client_key(server_round, slot), w, f, payloads[slot])
+            for slot, w, f in zip(slots, weights, factors, strict=True)
+        )
+        merge_key = rng.derive_key(self.run_seed, server_round, _MERGE_TAG)
+        self.downlink.record(Step(server_round, merge_key, updates))
+        self.downlink.prune(self._dense_bytes)
+
+    def byte_totals(self) -> dict[int, tuple[int, int]]:
+        """Slot -> (bytes up, bytes down) over the whole run, for the run summary."""
+        return {s: (u, d) for s, (u, d) in sorted(self.slot_bytes.items())}
 
     def _finish(self, stats: RoundStats) -> None:
         self.history.append(stats)
@@ -301,9 +409,31 @@ class FedTuneStrategy(FedAvg):
             type(self.server_opt).__name__,
             self.min_valid,
         )
+        log(INFO, "\t├── fedtune: downlink=%s", self.downlink.mode)
         super().summary()
 
+    def log_byte_totals(self) -> None:
+        """Per-client (slot) uplink / downlink totals of the run, one line per slot."""
+        for slot, (up, down) in self.byte_totals().items():
+            log(INFO, "fedtune: slot %d: %d bytes up, %d bytes down", slot, up, down)
+
     # ------------------------------------------------------------------ the loop
+    def _log_missing(self, server_round: int, replies: list[Message], timeout: float) -> None:
+        """Name the sampled nodes that did not answer within ``timeout`` (hung, slow or gone)."""
+        answered = {m.metadata.src_node_id for m in replies}
+        missing = sorted(n for n in self.issued if n not in answered)
+        if missing:
+            log(
+                WARNING,
+                "round %d: no reply within round-timeout=%.0f s from %d of %d sampled nodes "
+                "(slots %s); going on without them",
+                server_round,
+                timeout,
+                len(missing),
+                len(self.issued),
+                ", ".join(str(self.issued[n][0]) for n in missing),
+            )
+
     def run(
         self,
         grid: Grid,
@@ -327,7 +457,8 @@ class FedTuneStrategy(FedAvg):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
             messages = list(self.configure_train(rnd, arrays, ConfigRecord({}), grid))
-            replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
+            replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+            self._log_missing(rnd, replies, timeout)
             new, _ = self.aggregate_train(rnd, replies)
             if new is not None:
                 arrays = new
@@ -335,4 +466,5 @@ class FedTuneStrategy(FedAvg):
                 evaluate_fn(rnd, arrays)
             if after_round is not None:
                 after_round(rnd, arrays)
+        self.log_byte_totals()
         return arrays
