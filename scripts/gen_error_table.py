@@ -74,6 +74,12 @@ def main() -> None:
         ("unknown dataset", {"dataset": "imdb"}),
         ("model not available offline", {"model": "bert-base-uncased"}),
         ("partition id out of range", {"dataset": "file", "data-path": str(good), "partitioning": "iid", "num-partitions": 2, "partition": 7}),
+        ("exact factor mode with a nonlinear merger", {"factor-mode": "exact", "merger": "ties"}),
+        ("exact factor mode with a server optimizer", {"factor-mode": "exact", "server-opt": "fedadam"}),
+        ("payload downlink with a nonlinear merger", {"downlink": "auto", "merger": "median"}),
+        ("payload downlink with a BLAS-decoded codec", {"downlink": "payloads", "codec": "gaussian"}),
+        ("unknown clip mode", {"clip-mode": "mean", "clip-norm": 1.0}),
+        ("bad fault client list", {"fault": "hang", "fault-clients": "0,x"}),
         ("broken chat JSONL", {"task": "causal-lm", "model": "tiny-llama", "dataset": "file", "data-path": str(bad_json), "target-modules": "q_proj", "partitioning": "iid", "num-partitions": 1}),
     ]
     rows = ["| user error | config | message |", "|---|---|---|"]
