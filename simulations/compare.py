@@ -47,7 +47,20 @@ def run_one(
     if rc != 0 or not metrics.exists():
         raise RuntimeError(f"configuration {name!r} failed (exit code {rc})")
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    return {"name": name, "rows": rows, "wall": wall}
+    return {"name": name, "rows": rows, "wall": wall, "dir": out_dir / name}
+
+
+def trainable_parameters(run_dir: Path) -> int | None:
+    """Number of values the run trains (and a dense codec sends): from its saved config."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        return None
+    from fedtune import pipeline
+    from fedtune.config import parse
+
+    cfg = parse(json.loads(cfg_path.read_text()), validate_methods=False)
+    state = pipeline.workbench(cfg, pipeline.federation(cfg)).initial
+    return sum(t.numel() for t in state.values())
 
 
 def summarize(res: dict[str, Any], target: float | None) -> dict[str, Any]:
@@ -75,6 +88,7 @@ def summarize(res: dict[str, Any], target: float | None) -> dict[str, Any]:
         "up_total": up_total,
         "to_target": to_target,
         "wall": res["wall"],
+        "trainable": trainable_parameters(res["dir"]) if "dir" in res else None,
     }
 
 
@@ -88,16 +102,18 @@ def markdown(summaries: list[dict[str, Any]], target: float | None, title: str, 
         + (f"{target:.4f}" if target is not None else "n/a")
         + f"; ratios are against `{base['name']}`.",
         "",
-        f"| config | final {metric} | best | rounds | uplink B / client-round | total uplink B | uplink ratio | uplink B to target | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| config | trainable params | final {metric} | best | rounds | uplink B / client-round | total uplink B | uplink ratio | uplink B to target | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         ratio = base["up_total"] / s["up_total"] if s["up_total"] else float("inf")
         lines.append(
-            f"| {s['name']} | {s['final']:.4f} | {s['best']:.4f} | {s['rounds']} | {s['per_client_round']:,.0f} | "
+            f"| {s['name']} | "
+            + (f"{s['trainable']:,}" if s["trainable"] is not None else "-")
+            + f" | {s['final']:.4f} | {s['best']:.4f} | {s['rounds']} | {s['per_client_round']:,.0f} | "
             f"{s['up_total']:,} | {ratio:,.1f}x fewer | "
             + (f"{s['to_target']:,}" if s["to_target"] is not None else "not reached")
-            + f" | {s['wall']:.0f} |"
+            + (f" | {s['wall']:.0f} |" if s["wall"] == s["wall"] else " | - |")
         )
     lines += ["", f"![held-out metric vs round and vs cumulative uplink bytes]({img})"]
     return "\n".join(lines)
@@ -174,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 else float("nan")
             )
             print(f"compare: reusing {name} from {rows_path}", flush=True)
-            results.append({"name": name, "rows": rows, "wall": wall})
+            results.append({"name": name, "rows": rows, "wall": wall, "dir": Path(reuse[name])})
             continue
         overrides = {**parse_overrides([path]), **common, **per.get(name, {})}
         print(f"compare: running {name} with {overrides}", flush=True)
@@ -187,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     img_rel = f"img/compare-{args.name}.png"
     md = markdown(summaries, target, f"End-to-end comparison: {args.name}", img_rel)
     print(md)
+    out_dir.mkdir(parents=True, exist_ok=True)  # every configuration may have been reused
     (out_dir / "report.md").write_text(md + "\n")
     plot(results, out_dir / "compare.png")
     if not args.no_write:
