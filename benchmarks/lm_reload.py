@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "## Federated instruction tuning of SmolLM2-135M-Instruct (issue 9)",
         "",
-        f"`python -m fedtune.launch -c {cfg.run_name}` settings: {len(fed.clients)} clients "
+        f"Run `{cfg.run_name}` (`FEDTUNE_CACHE=.cache python -m fedtune.launch -c "
+        f"simulations/llm_{cfg.adapter}_{cfg.codec}.toml`): {len(fed.clients)} clients "
         f"({cfg.partitioning}, alpha {cfg.dirichlet_alpha}), {cfg.adapter} on `{cfg.target_modules}`, "
         f"codec `{cfg.codec}`, merger `{cfg.merger}`, {cfg.num_rounds} rounds x {cfg.local_steps} "
         f"local steps of batch {cfg.batch_size} at lr {cfg.lr}, max_length {cfg.max_length}; "
