@@ -16,7 +16,11 @@ def write_section(name: str, markdown: str, doc: Path = DOC) -> None:
     """Replace (or append) the section ``name`` of ``doc`` with ``markdown``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{markdown.strip()}\n{end}"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nMeasured numbers; each section is rewritten by the script it names.\n"
+    text = (
+        doc.read_text()
+        if doc.exists()
+        else "# Benchmarks\n\nMeasured numbers; each section is rewritten by the script it names.\n"
+    )
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)

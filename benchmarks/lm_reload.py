@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [str(p) for p in fed.test["prompt"][: args.prompts]]
     before = generate_samples(base, tok, prompts, 32)
     model = PeftModel.from_pretrained(base, str(run / "adapter"))
-    batches = eval_batches(fed.test, collate_for(cfg.task, tok, cfg.max_length), cfg.eval_batch_size)
+    batches = eval_batches(
+        fed.test, collate_for(cfg.task, tok, cfg.max_length), cfg.eval_batch_size
+    )
     res = evaluate_lm(model, batches, pipeline.resolve_device(cfg.device))
     after = generate_samples(model, tok, prompts, 32)
 
