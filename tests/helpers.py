@@ -24,3 +24,34 @@ def write_sentiment_csv(path: Path, n: int = 120, with_client: bool = False) -> 
             text = f"{words[i % 6]} {words[(i * 7) % 6]} item {i}"
             w.writerow([text, lab, f"site{i % 4}"])
     return path
+
+
+def identity_replies(msgs: list, nodes: list[int]) -> list:
+    """Mock replies to the strategy's identity query: node ``nodes[i]`` holds partition ``i``."""
+    from unittest.mock import Mock
+
+    from flwr.app import MetricRecord, RecordDict
+
+    out = []
+    for m in msgs:
+        r = Mock()
+        r.metadata.src_node_id = m.metadata.dst_node_id
+        r.has_error.return_value = False
+        pid = nodes.index(m.metadata.dst_node_id)
+        r.content = RecordDict({"identity": MetricRecord({"partition-id": pid})})
+        out.append(r)
+    return out
+
+
+def held_out_metrics(model, cfg) -> dict[str, float]:
+    """Accuracy / loss of a (reloaded) classifier on the run's own held-out split."""
+    import torch
+
+    from fedtune import pipeline
+    from fedtune.evaluate import evaluate_classifier
+    from fedtune.train import collate_for, eval_batches
+
+    fed = pipeline.federation(cfg)
+    tok = pipeline.workbench(cfg, fed).tokenizer
+    batches = eval_batches(fed.test, collate_for("classification", tok, cfg.max_length), 16)
+    return evaluate_classifier(model, batches, torch.device("cpu"))

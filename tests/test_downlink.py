@@ -29,6 +29,7 @@ from fedtune.downlink import (
 from fedtune.fl import downlink as fl_downlink
 from fedtune.fl.records import key_from_config, payload_to_record, record_to_state, state_to_record
 from fedtune.fl.strategy import FedTuneStrategy
+from tests.helpers import identity_replies
 
 NODES = [11, 22, 33, 44]  # slots 0..3 (partition id = rank)
 SPEC_KEY = 0xD0
@@ -57,18 +58,7 @@ def _grid(schedule: dict[int, list[int]], state: dict[str, int]):
     g = Mock()
     g.get_node_ids.side_effect = lambda: list(schedule[state["round"]])
 
-    def answer(msgs, timeout):
-        out = []
-        for m in msgs:
-            r = Mock()
-            r.metadata.src_node_id = m.metadata.dst_node_id
-            r.has_error.return_value = False
-            pid = NODES.index(m.metadata.dst_node_id)
-            r.content = RecordDict({"identity": MetricRecord({"partition-id": pid})})
-            out.append(r)
-        return out
-
-    g.send_and_receive.side_effect = answer
+    g.send_and_receive.side_effect = lambda msgs, timeout: identity_replies(msgs, NODES)
     return g
 
 

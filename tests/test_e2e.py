@@ -55,19 +55,12 @@ def test_two_round_simulation_saves_a_peft_adapter_that_reproduces_accuracy(
     # the saved adapter reloads with PEFT and reproduces the reported held-out accuracy
     from peft import PeftModel
 
-    from fedtune.evaluate import evaluate_classifier
     from fedtune.models import tiny_bert
-    from fedtune.train import collate_for, eval_batches
+    from tests.helpers import held_out_metrics
 
     cfg = parse(tiny_run_config)
-    fed = pipeline.federation(cfg)
-    model = PeftModel.from_pretrained(tiny_bert(fed.num_labels), str(runs[0] / "adapter"))
-    wb = pipeline.workbench(cfg, fed)
-    res = evaluate_classifier(
-        model,
-        eval_batches(fed.test, collate_for("classification", wb.tokenizer, cfg.max_length), 16),
-        torch.device("cpu"),
-    )
+    base = tiny_bert(pipeline.federation(cfg).num_labels)
+    res = held_out_metrics(PeftModel.from_pretrained(base, str(runs[0] / "adapter")), cfg)
     assert res["accuracy"] == pytest.approx(rows[-1]["test-accuracy"], abs=1e-9)
     assert res["loss"] == pytest.approx(rows[-1]["test-loss"], rel=1e-4)
 

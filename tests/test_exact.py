@@ -29,6 +29,7 @@ from fedtune.fl.records import (
     train_residual,
 )
 from fedtune.fl.strategy import FedTuneStrategy
+from tests.helpers import held_out_metrics, identity_replies
 
 KEY = rng.derive_key(2024, 6)  # issue #6
 NODES = [101, 202, 303]
@@ -90,20 +91,9 @@ def _output(model: nn.Module, state: dict, residual: dict | None) -> torch.Tenso
 
 
 def _grid() -> Mock:
-    def answer(msgs, timeout):
-        out = []
-        for m in msgs:
-            r = Mock()
-            r.metadata.src_node_id = m.metadata.dst_node_id
-            r.has_error.return_value = False
-            pid = NODES.index(m.metadata.dst_node_id)
-            r.content = RecordDict({"identity": MetricRecord({"partition-id": pid})})
-            out.append(r)
-        return out
-
     g = Mock()
     g.get_node_ids.return_value = list(NODES)
-    g.send_and_receive.side_effect = answer
+    g.send_and_receive.side_effect = lambda msgs, timeout: identity_replies(msgs, NODES)
     return g
 
 
@@ -446,10 +436,8 @@ def test_two_round_exact_simulation_exports_adapter_and_residual(tiny_run_config
     from peft import PeftModel
 
     from fedtune import pipeline
-    from fedtune.evaluate import evaluate_classifier
     from fedtune.launch import main as launch
     from fedtune.models import tiny_bert
-    from fedtune.train import collate_for, eval_batches
 
     run = {**tiny_run_config, "factor-mode": "exact"}
     kv = " ".join(f"{k}={json.dumps(v)}" for k, v in run.items())
@@ -464,14 +452,7 @@ def test_two_round_exact_simulation_exports_adapter_and_residual(tiny_run_config
     residual = exact.load_residual(run_dir / "adapter")
     assert residual and all(float(v.abs().max()) > 0 for v in residual.values())
     cfg = parse(run)
-    fed = pipeline.federation(cfg)
-    wb = pipeline.workbench(cfg, fed)
-    base = exact.add_residual_to_base(tiny_bert(fed.num_labels), residual)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
-    res = evaluate_classifier(
-        model,
-        eval_batches(fed.test, collate_for("classification", wb.tokenizer, cfg.max_length), 16),
-        torch.device("cpu"),
-    )
+    base = exact.add_residual_to_base(tiny_bert(pipeline.federation(cfg).num_labels), residual)
+    res = held_out_metrics(PeftModel.from_pretrained(base, str(run_dir / "adapter")), cfg)
     assert res["accuracy"] == pytest.approx(rows[-1]["test-accuracy"], abs=1e-9)
     assert res["loss"] == pytest.approx(rows[-1]["test-loss"], rel=1e-4)

@@ -541,23 +541,15 @@ def test_model_validation() -> None:
         REGISTRY.get("mos", rank=4)
 
 
-def test_wire_layout_hash_covers_mos_index_lists(tmp_path: Path) -> None:
+def test_wire_layout_hash_covers_mos_index_lists(tiny_run_config: dict) -> None:
     """A MoS payload built for other index lists (another seed) is rejected by the wire check,
     although every tensor name and shape agrees (issue 3: lists covered by the layout hash)."""
     from fedtune import codecs, pipeline
     from fedtune.config import defaults_from_pyproject, parse
-    from tests.helpers import write_sentiment_csv
 
-    csv_path = write_sentiment_csv(tmp_path / "d.csv")
     base = {
         **defaults_from_pyproject(),
-        "model": "tiny-bert",
-        "dataset": "file",
-        "data-path": str(csv_path),
-        "text-column": "sentence",
-        "label-column": "sentiment",
-        "partitioning": "iid",
-        "num-partitions": 2,
+        **tiny_run_config,
         "adapter": "mos",
         "mos-r": 2,  # tiny-bert has 2 layers: r - p <= (e - p) * L
         "codec": "srht",
