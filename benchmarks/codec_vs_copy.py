@@ -34,15 +34,15 @@ def best(f: Callable[[], object], n: int) -> float:
 def main(tensors: int = 306, k: int = 65536) -> None:
     delta = {f"t{i}": rng.normal(1, i, 32768) for i in range(tensors)}
     d = sum(v.numel() for v in delta.values())
-    t_copy = best(lambda: {n: v.clone() for n, v in delta.items()}, 3)
+    t_copy = best(lambda: {n: v.clone() for n, v in delta.items()}, 7)
     print(f"d = {d:,}, K = {k:,}, torch threads = {torch.get_num_threads()}")
     print(f"| codec | encode s | decode s | encode+decode ÷ copy ({t_copy:.4f} s) |")
     print("|---|---|---|---|")
     for name in ("countsketch", "srht"):
         c = codecs.get(name, k=k)
         payload = c.encode(delta, 7, round=1, slot=0)
-        te = best(lambda c=c: c.encode(delta, 7, round=1, slot=0), 2)
-        td = best(lambda c=c, p=payload: c.decode(p, like=delta, key=7, round=1, slot=0), 2)
+        te = best(lambda c=c: c.encode(delta, 7, round=1, slot=0), 5)
+        td = best(lambda c=c, p=payload: c.decode(p, like=delta, key=7, round=1, slot=0), 5)
         print(f"| {name} | {te:.3f} | {td:.3f} | {(te + td) / t_copy:.1f}x |")
     t_bits = best(lambda: rng.bits32(5, 1, d), 2)
     print(f"Philox bits32 for d values: {t_bits:.3f} s = {t_bits / t_copy:.1f}x copy")

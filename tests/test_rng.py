@@ -315,5 +315,5 @@ def test_rademacher_torch_path_matches_cpu_path() -> None:
     key = rng.derive_key(3)
     for offset, n in [(0, 100), (37, 1000), (64, 31)]:
         first, last = offset >> 5, (offset + n + 31) >> 5
-        w = rng._words(key, 6, rng._TAG_SIGN, last - first, first, None)
+        w = rng._words(key, 6, rng.TAG_SIGN, last - first, first, None)
         assert torch.equal(rng._signs_torch(w, offset & 31, n), rng.rademacher(key, 6, n, offset))

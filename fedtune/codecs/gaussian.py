@@ -53,7 +53,9 @@ class GaussianCodec(ProjectionCodec):
             y[k0:k1] = v @ x
         return y
 
-    def reconstruct(self, y: torch.Tensor, d: int, key: int, block: int) -> torch.Tensor:
+    def reconstruct(
+        self, y: torch.Tensor, d: int, key: int, block: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         out = torch.zeros(d, dtype=torch.float32)
         for k0, k1, v in _rows(self._generator, key, block, d, y.numel(), self._ROWS_BUDGET, None):
             out += y[k0:k1] @ v

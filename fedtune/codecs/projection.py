@@ -38,6 +38,7 @@ from fedtune.codecs.base import (
     empty_like_spec,
     make_blocks,
     spec_hash,
+    sq_norm,
 )
 
 
@@ -127,8 +128,14 @@ class ProjectionCodec(Codec):
         """Coefficients ``y = A x`` (length k) of one block."""
         raise NotImplementedError
 
-    def reconstruct(self, y: torch.Tensor, d: int, key: int, block: int) -> torch.Tensor:
-        """The unbiased estimate ``c Aᵀ y`` (length d, fp32 CPU)."""
+    def reconstruct(
+        self, y: torch.Tensor, d: int, key: int, block: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The unbiased estimate ``c Aᵀ y`` (length d, fp32 CPU).
+
+        A basis may write it into ``out`` (a contiguous fp32 CPU view of length d) and return
+        ``out``, which saves the decoder a copy; returning a new tensor is also fine.
+        """
         raise NotImplementedError
 
     def project_blocks(
@@ -138,10 +145,17 @@ class ProjectionCodec(Codec):
         return [self.project(x, k, key, blk) for x, k, blk in items]
 
     def reconstruct_blocks(
-        self, items: list[tuple[torch.Tensor, int, int]], key: int
+        self,
+        items: list[tuple[torch.Tensor, int, int]],
+        key: int,
+        outs: list[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """``reconstruct`` over (y, d, block) items; a basis may override it to batch blocks."""
-        return [self.reconstruct(y, d, key, blk) for y, d, blk in items]
+        dests: list[torch.Tensor | None] = list(outs) if outs is not None else [None] * len(items)
+        return [
+            self.reconstruct(y, d, key, blk, out=o)
+            for (y, d, blk), o in zip(items, dests, strict=True)
+        ]
 
     def omega(self, d: int, k: int) -> float:
         """Exact ``E‖Δ̂−Δ‖² / ‖Δ‖²`` of the fp32 unbiased estimator for one block."""
@@ -175,7 +189,7 @@ class ProjectionCodec(Codec):
         flat = check_delta(delta)
         blocks = make_blocks(flat, self.max_block)
         xs = [flat[b.name][b.start : b.stop] for b in blocks]
-        norms = [float(x.double().norm()) for x in xs]
+        norms = [math.sqrt(sq_norm(x)) for x in xs]
         ks = self.allocate_blocks(blocks, norms)
         return sum(
             self.omega(b.size, kk) * nrm**2
@@ -191,10 +205,13 @@ class ProjectionCodec(Codec):
 
     def encode(self, delta: Any, key: int, *, round: int = 0, slot: int = 0) -> bytes:
         check_ids(key, round, slot)
-        flat = check_delta(delta)
+        flat = check_delta(delta, finite=False)  # the block norms below check finiteness
         blocks = make_blocks(flat, self.max_block)
         xs = [flat[b.name][b.start : b.stop] for b in blocks]
-        norms = [float(x.double().norm()) for x in xs]
+        norms = [math.sqrt(sq_norm(x)) for x in xs]
+        for b, nrm in zip(blocks, norms, strict=True):
+            if not math.isfinite(nrm):
+                raise ValueError(f"delta[{b.name!r}] contains non-finite values")
         ks = self.allocate_blocks(blocks, norms)
         todo = [
             (x, kk, b.index) for b, x, kk in zip(blocks, xs, ks, strict=True) if 0 < kk < b.size
@@ -264,7 +281,7 @@ class ProjectionCodec(Codec):
         want = sum(q.nbytes(h.coef, kk) for kk in h.ks)
         if len(body) != want:
             raise PayloadError(f"body length {len(body)} does not match the K table ({want})")
-        out = empty_like_spec(like)
+        out = empty_like_spec(like, zero=False)  # every block is written below (zero ones too)
         flat_out = {n: t.view(-1) for n, t in out.items()}
         pos = 0
         coefs: list[torch.Tensor | None] = []
@@ -278,19 +295,27 @@ class ProjectionCodec(Codec):
             for b, y, kk in zip(blocks, coefs, h.ks, strict=True)
             if y is not None and kk < b.size
         ]
-        rebuilt = iter(self.reconstruct_blocks(todo, h.key))
+        dests = [
+            flat_out[b.name][b.start : b.stop]
+            for b, y, kk in zip(blocks, coefs, h.ks, strict=True)
+            if y is not None and kk < b.size
+        ]
+        rebuilt = iter(self.reconstruct_blocks(todo, h.key, dests))
         for b, y, kk in zip(blocks, coefs, h.ks, strict=True):
+            dest = flat_out[b.name][b.start : b.stop]
             if y is None:
+                dest.zero_()
                 continue
             if kk == b.size:
-                xhat = y
+                dest.copy_(y)
             else:
                 xhat = next(rebuilt)
+                if xhat.data_ptr() != dest.data_ptr():  # the basis did not write in place
+                    dest.copy_(xhat)
                 if h.flags & wire.FLAG_SHRINK:
-                    xhat = xhat * (1.0 / (1.0 + self.omega_coef(b.size, kk, h.coef)))
-            if not bool(torch.isfinite(xhat).all()):
+                    dest.mul_(1.0 / (1.0 + self.omega_coef(b.size, kk, h.coef)))
+            if not math.isfinite(sq_norm(dest)):
                 raise PayloadError(f"block {b.index} ({b.name}) decodes to non-finite values")
-            flat_out[b.name][b.start : b.stop] = xhat
         return out
 
 

@@ -9,17 +9,20 @@ padding does not hurt because the error that lands in the padded coordinates is 
 
 Block l: signs ``rng.rademacher(key, 2l, d)``, rows ``rng.choice(key, 2l+1, n, K)``. The FWHT
 is a sequence of exact elementwise butterflies (no BLAS, no atomics), so decoded values are
-bit-identical on every IEEE device.
+bit-identical on every IEEE device. On CPU with numba the sign flip reads its bits straight
+from Philox, the butterflies run in place per row and the row choice is a single pass
+(:mod:`fedtune.kernels`): the same values as the numpy/torch path (tested), ~5x faster.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import torch
 
-from fedtune import rng
+from fedtune import kernels, rng
 from fedtune.codecs.projection import ProjectionCodec
 from fedtune.codecs.registry import register
 
@@ -99,6 +102,29 @@ def _stages(src: np.ndarray, n: int, inner: int, first: int = 1) -> np.ndarray:
     return src
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(rows: int, n: int) -> np.ndarray:
+    """A reused (rows, n) float32 work array (contents undefined), one per thread.
+
+    At most ``_BATCH`` elements (4 MiB). Reusing it avoids a fresh allocation per group,
+    whose first touch costs a page fault per 4 KiB: a third of the transform's time.
+    """
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < rows * n:
+        buf = np.empty(max(rows * n, _BATCH), dtype=np.float32)
+        _SCRATCH.buf = buf
+    return buf[: rows * n].reshape(rows, n)
+
+
+def _rows(key: int, stream: int, n: int, k: int) -> np.ndarray:
+    """``rng.choice(key, stream, n, k)`` as numpy, in one compiled pass when ``2k <= n``."""
+    if 2 * k <= n:
+        return kernels.first_distinct(n, k, *kernels.key_words(key, stream, rng.TAG_BITS))
+    return rng.choice(key, stream, n, k).numpy()
+
+
 def _pow2(d: int) -> int:
     return 1 << max(0, (d - 1).bit_length())
 
@@ -116,12 +142,16 @@ class SRHTCodec(ProjectionCodec):
     def project(self, x: torch.Tensor, k: int, key: int, block: int) -> torch.Tensor:
         return self.project_blocks([(x, k, block)], key)[0]
 
-    def reconstruct(self, y: torch.Tensor, d: int, key: int, block: int) -> torch.Tensor:
-        return self.reconstruct_blocks([(y, d, block)], key)[0]
+    def reconstruct(
+        self, y: torch.Tensor, d: int, key: int, block: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.reconstruct_blocks([(y, d, block)], key, None if out is None else [out])[0]
 
     def project_blocks(
         self, items: list[tuple[torch.Tensor, int, int]], key: int
     ) -> list[torch.Tensor]:
+        if kernels.AVAILABLE and all(x.device.type == "cpu" for x, _, _ in items):
+            return self._project_cpu(items, key)
         out: list[torch.Tensor] = [torch.empty(0)] * len(items)
         for group in _groups([(i, x.numel()) for i, (x, _, _) in enumerate(items)]):
             n = _pow2(items[group[0]][0].numel())
@@ -138,8 +168,13 @@ class SRHTCodec(ProjectionCodec):
         return out
 
     def reconstruct_blocks(
-        self, items: list[tuple[torch.Tensor, int, int]], key: int
+        self,
+        items: list[tuple[torch.Tensor, int, int]],
+        key: int,
+        outs: list[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
+        if kernels.AVAILABLE:
+            return self._reconstruct_cpu(items, key, outs)
         out: list[torch.Tensor] = [torch.empty(0)] * len(items)
         for group in _groups([(i, d) for i, (_, d, _) in enumerate(items)]):
             n = _pow2(items[group[0]][1])
@@ -151,6 +186,53 @@ class SRHTCodec(ProjectionCodec):
             for row, i in enumerate(group):
                 y, d, blk = items[i]
                 out[i] = z[row, :d] * rng.rademacher(key, 2 * blk, d) * (n**0.5 / y.numel())
+        return out
+
+    # --- CPU path with the compiled kernels (same values as above) ---------------------------
+
+    def _project_cpu(
+        self, items: list[tuple[torch.Tensor, int, int]], key: int
+    ) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+        one = np.float32(1.0)
+        for group in _groups([(i, x.numel()) for i, (x, _, _) in enumerate(items)]):
+            n = _pow2(items[group[0]][0].numel())
+            z = _scratch(len(group), n)
+            for row, i in enumerate(group):
+                x, _, blk = items[i]
+                xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
+                signs = kernels.key_words(key, 2 * blk, rng.TAG_SIGN)
+                kernels.sign_flip(xs, z[row, : xs.shape[0]], one, *signs)
+                z[row, xs.shape[0] :] = 0.0  # the zero padding
+            kernels.fwht_rows(z)
+            scale = np.float32(n**-0.5)
+            for row, i in enumerate(group):
+                _, k, blk = items[i]
+                out[i] = torch.from_numpy(z[row, _rows(key, 2 * blk + 1, n, k)] * scale)
+        return out
+
+    def _reconstruct_cpu(
+        self,
+        items: list[tuple[torch.Tensor, int, int]],
+        key: int,
+        outs: list[torch.Tensor] | None,
+    ) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+        for group in _groups([(i, d) for i, (_, d, _) in enumerate(items)]):
+            n = _pow2(items[group[0]][1])
+            z = _scratch(len(group), n)
+            z[...] = 0.0
+            for row, i in enumerate(group):
+                y, _, blk = items[i]
+                z[row, _rows(key, 2 * blk + 1, n, y.numel())] = y.detach().cpu().numpy()
+            kernels.fwht_rows(z)
+            for row, i in enumerate(group):
+                y, d, blk = items[i]
+                xhat = outs[i] if outs is not None else torch.empty(d, dtype=torch.float32)
+                scale = np.float32(n**0.5 / y.numel())
+                signs = kernels.key_words(key, 2 * blk, rng.TAG_SIGN)
+                kernels.sign_flip(z[row, :d], xhat.numpy(), scale, *signs)
+                out[i] = xhat
         return out
 
     def omega(self, d: int, k: int) -> float:
