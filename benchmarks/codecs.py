@@ -134,7 +134,7 @@ def bench(d: int, quick: bool) -> list[dict[str, object]]:
     norm2 = sq(delta)
     k = default_k(d, 64.0)
     big = d >= 10**7
-    repeats, trials = (1, 2) if big else (3, 4)
+    repeats, trials = (3, 2) if big else (3, 4)
     rows: list[dict[str, object]] = []
     copy_s = best_time(lambda: {n: t.clone() for n, t in delta.items()}, 5)
     rows.append(
@@ -187,6 +187,8 @@ def bench(d: int, quick: bool) -> list[dict[str, object]]:
             f"d={d:.0e} {label:18s} {sec * scale:9.4f}s mse={mse:.4g} theory={theory:.4g}",
             flush=True,
         )
+    # the copy again at the end: on a shared machine the faster of the two is the fair floor
+    rows[0]["sec"] = min(copy_s, best_time(lambda: {n: t.clone() for n, t in delta.items()}, 5))
     sec, scale = torch_randn_gaussian_seconds(delta, k)
     rows.append(
         {

@@ -134,10 +134,15 @@ RESUMABLE_CHANGES = {
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A resumed run must use the same config except for keys that cannot change the result."""
+    from fedtune.config import Config
+
+    # a key the checkpoint lacks was added later: the run used its default
+    defaults = Config().to_flat()
     diff = sorted(
         k
         for k in set(saved) | set(current)
-        if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+        if k not in RESUMABLE_CHANGES
+        and saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k))
     )
     if diff:
         show = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])

@@ -103,6 +103,10 @@ class Config:
     server_opt: str = "none"
     clip_norm: float = 0.0
     clip_mode: Literal["fixed", "median"] = "fixed"
+    # drop updates whose cosine with the round's coordinate-wise median is below the threshold
+    # (fedtune/merging/cosine_filter.py): the direction check that norm clipping lacks
+    robust_filter: Literal["none", "cosine"] = "none"
+    robust_filter_threshold: float = 0.0
     # (name, value) pairs, sorted: tuples keep the config hashable (it keys per-process caches)
     codec_options: tuple[tuple[str, Scalar], ...] = ()
     merger_options: tuple[tuple[str, Scalar], ...] = ()
@@ -157,6 +161,7 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "attack_fraction": (0.0, 1.0, "a fraction in [0, 1]"),
     "fault_seconds": (0.0, None, "a non-negative number of seconds"),
     "clip_norm": (0.0, None, "0 (off) or a positive norm"),
+    "robust_filter_threshold": (-1.0, 1.0, "a cosine in [-1, 1]"),
 }
 
 

@@ -72,9 +72,13 @@ HELP = {
     "merger": "merge strategy (options: merger-*); see docs/extending.md",
     "server-opt": "'none', 'sgd', 'fedavgm', 'fedadam', 'fedyogi', 'fedadagrad' (options: server-opt-*)",
     "clip-norm": "clip each client's update to this L2 norm before merging (0 = off); with "
-    "`clip-mode=\"median\"` a multiple of the round's median update norm",
+    '`clip-mode="median"` a multiple of the round\'s median update norm',
     "clip-mode": "`fixed`: `clip-norm` is an absolute L2 bound; `median`: the bound is `clip-norm` "
     "times the median norm of the round's valid updates (FLAME, Nguyen et al. 2022)",
+    "robust-filter": "`cosine`: before merging, drop every update whose cosine with the round's "
+    "coordinate-wise median is below `robust-filter-threshold` (each drop is logged); the "
+    "direction check that norm clipping lacks (FLTrust-style, Cao et al. 2021)",
+    "robust-filter-threshold": 'the cosine below which `robust-filter="cosine"` drops an update',
 }
 
 

@@ -65,22 +65,81 @@ def main() -> None:
         ("unknown MoS ablation", {"mos-disable": "subsets"}),
         ("target module not in model", {"target-modules": "q_proj"}),
         ("min-train > min-available", {"min-train-nodes": 5, "min-available-nodes": 2}),
-        ("missing data file", {"dataset": "file", "data-path": "/data/missing.csv", "partitioning": "iid", "num-partitions": 2}),
+        (
+            "missing data file",
+            {
+                "dataset": "file",
+                "data-path": "/data/missing.csv",
+                "partitioning": "iid",
+                "num-partitions": 2,
+            },
+        ),
         ("no data path", {"dataset": "file", "partitioning": "iid", "num-partitions": 2}),
-        ("missing text column", {"dataset": "file", "data-path": str(good), "text-column": "review", "partitioning": "iid", "num-partitions": 2}),
-        ("one class only", {"dataset": "file", "data-path": str(one_class), "partitioning": "iid", "num-partitions": 1}),
+        (
+            "missing text column",
+            {
+                "dataset": "file",
+                "data-path": str(good),
+                "text-column": "review",
+                "partitioning": "iid",
+                "num-partitions": 2,
+            },
+        ),
+        (
+            "one class only",
+            {
+                "dataset": "file",
+                "data-path": str(one_class),
+                "partitioning": "iid",
+                "num-partitions": 1,
+            },
+        ),
         ("natural split without client column", {"dataset": "file", "data-path": str(good)}),
-        ("more partitions than rows", {"dataset": "file", "data-path": str(good), "partitioning": "iid", "num-partitions": 500}),
+        (
+            "more partitions than rows",
+            {
+                "dataset": "file",
+                "data-path": str(good),
+                "partitioning": "iid",
+                "num-partitions": 500,
+            },
+        ),
         ("unknown dataset", {"dataset": "imdb"}),
         ("model not available offline", {"model": "bert-base-uncased"}),
-        ("partition id out of range", {"dataset": "file", "data-path": str(good), "partitioning": "iid", "num-partitions": 2, "partition": 7}),
+        (
+            "partition id out of range",
+            {
+                "dataset": "file",
+                "data-path": str(good),
+                "partitioning": "iid",
+                "num-partitions": 2,
+                "partition": 7,
+            },
+        ),
         ("exact factor mode with a nonlinear merger", {"factor-mode": "exact", "merger": "ties"}),
-        ("exact factor mode with a server optimizer", {"factor-mode": "exact", "server-opt": "fedadam"}),
+        (
+            "exact factor mode with a server optimizer",
+            {"factor-mode": "exact", "server-opt": "fedadam"},
+        ),
         ("payload downlink with a nonlinear merger", {"downlink": "auto", "merger": "median"}),
-        ("payload downlink with a BLAS-decoded codec", {"downlink": "payloads", "codec": "gaussian"}),
+        (
+            "payload downlink with a BLAS-decoded codec",
+            {"downlink": "payloads", "codec": "gaussian"},
+        ),
         ("unknown clip mode", {"clip-mode": "mean", "clip-norm": 1.0}),
         ("bad fault client list", {"fault": "hang", "fault-clients": "0,x"}),
-        ("broken chat JSONL", {"task": "causal-lm", "model": "tiny-llama", "dataset": "file", "data-path": str(bad_json), "target-modules": "q_proj", "partitioning": "iid", "num-partitions": 1}),
+        (
+            "broken chat JSONL",
+            {
+                "task": "causal-lm",
+                "model": "tiny-llama",
+                "dataset": "file",
+                "data-path": str(bad_json),
+                "target-modules": "q_proj",
+                "partitioning": "iid",
+                "num-partitions": 1,
+            },
+        ),
     ]
     rows = ["| user error | config | message |", "|---|---|---|"]
     for what, over in cases:
@@ -90,7 +149,15 @@ def main() -> None:
         rows.append(f"| {what} | `{shown}` | {msg} |")
     # the launcher turns these into one line on stderr and exit code 2 before Flower starts
     proc = subprocess.run(
-        [sys.executable, "-m", "fedtune.launch", "-c", "local-steps='many'", "--flwr-home", str(tmp / "h")],
+        [
+            sys.executable,
+            "-m",
+            "fedtune.launch",
+            "-c",
+            "local-steps='many'",
+            "--flwr-home",
+            str(tmp / "h"),
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -48,6 +48,11 @@ def _strategy(
             if cfg.clip_norm > 0
             else None
         ),
+        direction_filter=(
+            merging.CosineFilter(cfg.robust_filter_threshold)
+            if cfg.robust_filter == "cosine"
+            else None
+        ),
         on_round=on_round,
         node_wait=cfg.round_timeout,
         fraction_train=cfg.fraction_train,

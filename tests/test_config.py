@@ -93,3 +93,15 @@ def test_every_method_option_is_a_run_config_key():
         for name in reg.names():
             for opt in _option_names(reg.factory(name)) or ():
                 assert prefix + opt.replace("_", "-") in keys, (name, opt)
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_key_existed():
+    """A key added after the checkpoint was written counts as its default there."""
+    from fedtune.checkpoint import CheckpointError, check_compatible
+    from fedtune.config import Config
+
+    current = Config().to_flat()
+    saved = {k: v for k, v in current.items() if k != "robust-filter"}
+    check_compatible(saved, current)
+    with pytest.raises(CheckpointError, match="robust-filter"):
+        check_compatible(saved, {**current, "robust-filter": "cosine"})

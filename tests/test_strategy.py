@@ -215,3 +215,26 @@ def test_arrayrecord_roundtrip_keeps_names():
     rec = state_to_record(st)
     assert isinstance(rec, ArrayRecord) and list(rec.keys()) == ["x.weight"]
     assert torch.equal(record_to_state(rec)["x.weight"], st["x.weight"])
+
+
+def _grid5():
+    return [101, 202, 303, 404, 505]
+
+
+def test_direction_filter_drops_updates_against_the_consensus_and_logs_why():
+    nodes = _grid5()
+    s, spec = _strategy(direction_filter=merging.CosineFilter(0.0))
+    msgs = list(s.configure_train(1, state_to_record(spec), ConfigRecord({}), _grid(nodes=nodes)))
+    assert len(msgs) == 5
+    c = codecs.get("dense")
+    values = {101: 1.0, 202: 1.5, 303: 2.0, 404: -100.0, 505: 0.5}  # 404 sign-flips, boosted
+    replies = [
+        _reply(n, c.encode(_delta(v), s.issued[n][1], round=1, slot=s.issued[n][0]), n=10)
+        for n, v in values.items()
+    ]
+    arrays, metrics = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(record_to_state(arrays)["a"].numpy(), 1.25, rtol=1e-6)
+    stats = s.history[-1]
+    assert stats.valid == 4 and set(stats.dropped) == {"404"}
+    assert "direction filter: cosine -1.000" in stats.dropped["404"]
+    assert metrics["dropped-replies"] == 1

@@ -76,6 +76,7 @@ class FedTuneStrategy(FedAvg):
         run_seed: int,
         min_valid: int = 1,
         clip: Any = None,
+        direction_filter: Any = None,
         max_update_norm: float = 0.0,
         on_round: Callable[[RoundStats], None] | None = None,
         node_wait: float = 300.0,
@@ -94,6 +95,8 @@ class FedTuneStrategy(FedAvg):
         self.run_seed = run_seed
         self.min_valid = min_valid
         self.clip = clip
+        # merging.CosineFilter or None: drops updates that oppose the round's consensus
+        self.direction_filter = direction_filter
         self.max_update_norm = max_update_norm
         self.on_round = on_round
         # factor-mode='exact': a fedtune.adapters.exact.ExactResidual holding the running
@@ -283,6 +286,8 @@ class FedTuneStrategy(FedAvg):
                 self.downlink.failed(self.issued[node][0])
         # merge in slot order: arrival order varies between runs, the result must not
         accepted.sort(key=lambda a: a[0])
+        if self.direction_filter is not None:
+            accepted = self._filter_directions(server_round, accepted, stats)
         deltas = [a[1] for a in accepted]
         weights = [a[2] for a in accepted]
         losses = [a[3] for a in accepted]
@@ -319,6 +324,27 @@ class FedTuneStrategy(FedAvg):
             log(INFO, "round %d: exact-mode residual increment norm %.4g", server_round, r_norm)
         self._finish(stats)
         return state_to_record(new_state), self._metrics(stats)
+
+    def _filter_directions(
+        self,
+        server_round: int,
+        accepted: list[tuple[int, Tensors, float, float]],
+        stats: RoundStats,
+    ) -> list[tuple[int, Tensors, float, float]]:
+        """Drop the valid replies the direction filter rejects, each with a logged reason."""
+        out = dict(self.direction_filter.outliers([a[1] for a in accepted]))
+        if not out:
+            return accepted
+        node_of = {slot: node for node, (slot, _) in self.issued.items()}
+        for i, cos in sorted(out.items()):
+            slot = accepted[i][0]
+            reason = (
+                f"direction filter: cosine {cos:.3f} with the round's coordinate-wise median "
+                f"is below {self.direction_filter.threshold:g}"
+            )
+            stats.dropped[str(node_of.get(slot, f"slot {slot}"))] = reason
+            log(WARNING, "round %d: dropped update of slot %d: %s", server_round, slot, reason)
+        return [a for i, a in enumerate(accepted) if i not in out]
 
     def _residual_records(self) -> dict[str, ArrayRecord]:
         """Exact mode: the dense residual (``Σ d_out·d_in`` fp32 per message), else nothing."""

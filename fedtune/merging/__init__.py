@@ -47,6 +47,7 @@ from .base import (
     register,
 )
 from .clip import NormClip
+from .cosine_filter import CosineFilter
 from .server_opt import (
     SERVER_OPTS,
     ServerOpt,
@@ -60,6 +61,7 @@ __all__ = [
     "SERVER_OPTS",
     "BatchMerger",
     "CoordinatewiseMerger",
+    "CosineFilter",
     "Delta",
     "FlatLayout",
     "Merger",
