@@ -298,6 +298,34 @@ def first_distinct(
 
 
 @njit(cache=True, nogil=True)
+def quantize_int8(
+    y: np.ndarray,
+    scale: np.float32,
+    k0: np.uint64,
+    k1: np.uint64,
+    tag: np.uint64,
+    s0: np.uint64,
+    s1: np.uint64,
+) -> np.ndarray:  # pragma: no cover - compiled
+    """``clamp(floor(y / scale + u), -127, 127)`` as int8, ``u_i = rng.uniform(key, stream)[i]``.
+
+    The float32 operations of fedtune.codecs.quantize's torch expression, in its order.
+    """
+    n = y.shape[0]
+    q = np.empty(n, dtype=np.int8)
+    w = np.empty(4 * _CHUNK, dtype=np.uint64)
+    inv24 = np.float32(2.0**-24)
+    for start in range(0, n, 4 * _CHUNK):
+        m = min(4 * _CHUNK, n - start)
+        _fill(w, start // 4, (m + 3) // 4, k0, k1, tag, s0, s1)
+        for i in range(m):
+            u = np.float32(w[i] >> _U(8)) * inv24  # exact: 24 bits times a power of two
+            v = np.floor(y[start + i] / scale + u)
+            q[start + i] = np.int8(min(max(v, np.float32(-127.0)), np.float32(127.0)))
+    return q
+
+
+@njit(cache=True, nogil=True)
 def sum_squares(x: np.ndarray) -> float:  # pragma: no cover - compiled
     """``Σ x_i²`` in float64 without a float64 copy of ``x``; NaN/Inf propagate.
 

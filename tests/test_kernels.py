@@ -148,3 +148,13 @@ def test_codecs_equal_the_fallback_path(tmp_path: Path) -> None:
         assert payload == ref_payload, name
         for t in decoded:
             assert torch.equal(decoded[t], ref_decoded[t]), (name, t)
+
+
+@pytest.mark.parametrize("d", SIZES)
+def test_quantize_int8_equals_the_torch_expression(d: int) -> None:
+    y = rng.normal(8, d, d) * 3.0
+    scale = float(y.abs().max()) / 127.0
+    u = rng.uniform(77, 3, d)
+    want = torch.floor(y / scale + u).clamp_(-127, 127).to(torch.int8)
+    got = kernels.quantize_int8(y.numpy(), np.float32(scale), *kernels.key_words(77, 3, 0))
+    assert np.array_equal(got, want.numpy())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedtune import rng
+from fedtune import kernels, rng
 from fedtune.codecs.base import PayloadError
 from fedtune.codecs.wire import COEF_FP16, COEF_FP32, COEF_INT8, COEF_NAMES, COEF_SIGN1
 
@@ -64,6 +64,10 @@ def quantize(
         scale = amax / 127.0 if amax > 0 else 0.0
         if scale == 0.0:
             return bytes(y.numel()), 0.0
+        if kernels.AVAILABLE:  # one fused pass, same values (tests/test_kernels.py)
+            words = kernels.key_words(rounding_key(key), stream, rng.TAG_BITS)
+            qn = kernels.quantize_int8(y.numpy(), np.float32(scale), *words)
+            return qn.tobytes(), scale
         u = rng.uniform(rounding_key(key), stream, y.numel())
         q = torch.floor(y / scale + u).clamp_(-127, 127).to(torch.int8)
         return q.numpy().tobytes(), scale
