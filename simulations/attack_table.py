@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     last = max(max(rows(r)) for r in runs)
     head = " | ".join(f"round {k}" for k in range(1, last + 1))
     lines = [
-        "## Malicious clients: 2 of 11 clients send sign-flipped, 100x-scaled updates",
+        "## Malicious clients: 2 of 11 send sign-flipped (x-100) or boosted (x100) updates",
         "",
         "Held-out accuracy / loss after each round, and in brackets the accuracy gap to the clean "
         f"run (`{runs[0].name}`) at the same round. `python simulations/attack_table.py "
