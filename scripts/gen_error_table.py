@@ -127,6 +127,10 @@ def main() -> None:
             {"downlink": "payloads", "codec": "gaussian"},
         ),
         ("unknown clip mode", {"clip-mode": "mean", "clip-norm": 1.0}),
+        (
+            "direction-filter threshold out of range",
+            {"robust-filter": "cosine", "robust-filter-threshold": 2.0},
+        ),
         ("bad fault client list", {"fault": "hang", "fault-clients": "0,x"}),
         (
             "broken chat JSONL",
