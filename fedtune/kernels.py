@@ -56,29 +56,24 @@ _SIGN = np.array([1.0, -1.0], dtype=np.float32)
 _FLIP = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.uint32) << np.uint32(31)
 
 
-def key_words(
-    key: int, stream: int, tag: int
-) -> tuple[np.uint64, np.uint64, np.uint64, np.uint64, np.uint64]:
-    """The kernels' Philox key and constant counter words: (k0, k1, c1_tag, s0, s1).
+def key_words(key: int, stream: int, tag: int) -> np.ndarray:
+    """The kernels' Philox key and constant counter words ``[k0, k1, tag << 24, s0, s1]``.
 
-    Python ints above 2**63 would be typed int64 by numba, so they are split here.
+    Python ints above 2**63 would be typed int64 by numba, so they travel as uint64 words.
     """
-    return (
-        _U(key & MASK32),
-        _U(key >> 32),
-        _U(tag << 24),
-        _U(stream & MASK32),
-        _U(stream >> 32),
+    return np.array(
+        [key & MASK32, key >> 32, tag << 24, stream & MASK32, stream >> 32], dtype=np.uint64
     )
 
 
 @njit(inline="always")
 def _philox(
-    b: int, k0: np.uint64, k1: np.uint64, tag: np.uint64, s0: np.uint64, s1: np.uint64
+    b: int, kw: np.ndarray
 ) -> tuple[np.uint64, np.uint64, np.uint64, np.uint64]:  # pragma: no cover - compiled
     """Philox4x32-10 of counter ``(b lo, b hi | tag, s0, s1)``: the same rounds as rng.py."""
     ub = _U(b)
-    c0, c1, c2, c3 = ub & _MASK, (ub >> _S32) | tag, s0, s1
+    k0, k1 = kw[0], kw[1]
+    c0, c1, c2, c3 = ub & _MASK, (ub >> _S32) | kw[2], kw[3], kw[4]
     for _ in range(10):
         p = c0 * _M0
         q = c2 * _M1
@@ -90,14 +85,7 @@ def _philox(
 
 @njit(inline="always")
 def _fill(
-    w: np.ndarray,
-    first: int,
-    count: int,
-    k0: np.uint64,
-    k1: np.uint64,
-    tag: np.uint64,
-    s0: np.uint64,
-    s1: np.uint64,
+    w: np.ndarray, first: int, count: int, kw: np.ndarray
 ) -> None:  # pragma: no cover - compiled
     """``w[4j : 4j+4] = Philox(block first + j)`` for j < count (w flat uint64).
 
@@ -105,7 +93,7 @@ def _fill(
     ~2.5x faster than one block at a time inside a consumer's loop.
     """
     for j in range(count):
-        c0, c1, c2, c3 = _philox(first + j, k0, k1, tag, s0, s1)
+        c0, c1, c2, c3 = _philox(first + j, kw)
         w[4 * j], w[4 * j + 1], w[4 * j + 2], w[4 * j + 3] = c0, c1, c2, c3
 
 
@@ -114,34 +102,26 @@ _CHUNK = 512  # Philox blocks per batch in the fused kernels (16 KiB of words: s
 
 @njit(cache=True, nogil=True)
 def philox_blocks(
-    k0: np.uint64,
-    k1: np.uint64,
-    tag: np.uint64,
-    s0: np.uint64,
-    s1: np.uint64,
+    kw: np.ndarray,
     first: int,
     out: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
     """``out[j] = Philox(block first + j)`` for a C-contiguous (n, 4) uint64 array."""
-    _fill(out.reshape(-1), first, out.shape[0], k0, k1, tag, s0, s1)
+    _fill(out.reshape(-1), first, out.shape[0], kw)
 
 
 @njit(cache=True, nogil=True)
 def countsketch_encode(
     x: np.ndarray,
     y: np.ndarray,
-    k0: np.uint64,
-    k1: np.uint64,
-    tag: np.uint64,
-    s0: np.uint64,
-    s1: np.uint64,
+    kw: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
     """``y[h(i)] += s_i x_i`` in index order; word i: sign = bit 0, h = ((w >> 1) K) >> 31."""
     d, kk = x.shape[0], _U(y.shape[0])
     w = np.empty(4 * _CHUNK, dtype=np.uint64)
     for start in range(0, d, 4 * _CHUNK):
         m = min(4 * _CHUNK, d - start)
-        _fill(w, start // 4, (m + 3) // 4, k0, k1, tag, s0, s1)
+        _fill(w, start // 4, (m + 3) // 4, kw)
         for i in range(m):
             wi = w[i]
             y[((wi >> _ONE) * kk) >> _S31] += _SIGN[wi & _ONE] * x[start + i]
@@ -151,18 +131,14 @@ def countsketch_encode(
 def countsketch_decode(
     y: np.ndarray,
     out: np.ndarray,
-    k0: np.uint64,
-    k1: np.uint64,
-    tag: np.uint64,
-    s0: np.uint64,
-    s1: np.uint64,
+    kw: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
     """``out[i] = s_i y[h(i)]`` (a gather and an exact sign flip)."""
     d, kk = out.shape[0], _U(y.shape[0])
     w = np.empty(4 * _CHUNK, dtype=np.uint64)
     for start in range(0, d, 4 * _CHUNK):
         m = min(4 * _CHUNK, d - start)
-        _fill(w, start // 4, (m + 3) // 4, k0, k1, tag, s0, s1)
+        _fill(w, start // 4, (m + 3) // 4, kw)
         for i in range(m):
             wi = w[i]
             out[start + i] = _SIGN[wi & _ONE] * y[((wi >> _ONE) * kk) >> _S31]
@@ -173,11 +149,7 @@ def sign_flip(
     x: np.ndarray,
     out: np.ndarray,
     scale: np.float32,
-    k0: np.uint64,
-    k1: np.uint64,
-    tag: np.uint64,
-    s0: np.uint64,
-    s1: np.uint64,
+    kw: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
     """``out[i] = (x[i] * r_i) * scale`` with ``r_i`` = Rademacher element i of rng.py.
 
@@ -193,7 +165,7 @@ def sign_flip(
     scaled = scale != np.float32(1.0)
     for start in range(0, d, per):
         m = min(per, d - start)
-        _fill(w, start // 128, (m + 127) // 128, k0, k1, tag, s0, s1)
+        _fill(w, start // 128, (m + 127) // 128, kw)
         for q in range(m // 8):  # byte q of the sign bits flips elements 8q .. 8q+7
             byte = (w[q // 4] >> _U(8 * (q % 4))) & _U(0xFF)
             base = start + 8 * q
@@ -271,11 +243,7 @@ def fwht_rows(z: np.ndarray) -> None:  # pragma: no cover - compiled
 def first_distinct(
     population: int,
     k: int,
-    k0: np.uint64,
-    k1: np.uint64,
-    tag: np.uint64,
-    s0: np.uint64,
-    s1: np.uint64,
+    kw: np.ndarray,
 ) -> np.ndarray:  # pragma: no cover - compiled
     """The first ``k`` distinct values of ``rng.randint(key, stream, ., population)``.
 
@@ -286,7 +254,7 @@ def first_distinct(
     out = np.empty(k, dtype=np.int64)
     pop, got, b = _U(population), 0, 0
     while got < k:
-        w = _philox(b, k0, k1, tag, s0, s1)
+        w = _philox(b, kw)
         for j in range(4):
             v = ((w[j] >> _ONE) * pop) >> _S31
             if not seen[v] and got < k:
@@ -301,11 +269,7 @@ def first_distinct(
 def quantize_int8(
     y: np.ndarray,
     scale: np.float32,
-    k0: np.uint64,
-    k1: np.uint64,
-    tag: np.uint64,
-    s0: np.uint64,
-    s1: np.uint64,
+    kw: np.ndarray,
 ) -> np.ndarray:  # pragma: no cover - compiled
     """``clamp(floor(y / scale + u), -127, 127)`` as int8, ``u_i = rng.uniform(key, stream)[i]``.
 
@@ -317,7 +281,7 @@ def quantize_int8(
     inv24 = np.float32(2.0**-24)
     for start in range(0, n, 4 * _CHUNK):
         m = min(4 * _CHUNK, n - start)
-        _fill(w, start // 4, (m + 3) // 4, k0, k1, tag, s0, s1)
+        _fill(w, start // 4, (m + 3) // 4, kw)
         for i in range(m):
             u = np.float32(w[i] >> _U(8)) * inv24  # exact: 24 bits times a power of two
             v = np.floor(y[start + i] / scale + u)

@@ -155,7 +155,7 @@ def _blocks_numpy(key: int, stream: int, tag: int, first: int, count: int) -> np
     """
     if kernels.AVAILABLE:
         out = np.empty((count, 4), dtype=np.uint64)
-        kernels.philox_blocks(*kernels.key_words(key, stream, tag), first, out)
+        kernels.philox_blocks(kernels.key_words(key, stream, tag), first, out)
         return out
     return _blocks_numpy_ref(key, stream, tag, first, count)
 

@@ -34,7 +34,7 @@ SIZES = [1, 2, 3, 7, 8, 9, 31, 32, 33, 127, 128, 129, 2047, 2048, 2049, 65535, 6
 @given(key=KEYS, stream=KEYS, tag=st.sampled_from([0, 1, 2]), first=st.integers(0, 1 << 40))
 def test_philox_blocks_equal_the_numpy_rounds(key: int, stream: int, tag: int, first: int) -> None:
     out = np.empty((37, 4), dtype=np.uint64)
-    kernels.philox_blocks(*kernels.key_words(key, stream, tag), first, out)
+    kernels.philox_blocks(kernels.key_words(key, stream, tag), first, out)
     assert np.array_equal(out, rng._blocks_numpy_ref(key, stream, tag, first, 37))
 
 
@@ -47,13 +47,13 @@ def test_countsketch_kernels_equal_the_torch_formula(d: int) -> None:
     bucket = ((w >> 1) * k) >> 31
     words = kernels.key_words(key, block, rng.TAG_BITS)
     y = np.zeros(k, dtype=np.float32)
-    kernels.countsketch_encode(x.numpy(), y, *words)
+    kernels.countsketch_encode(x.numpy(), y, words)
     # float32 sums in index order, as torch's single-threaded index_add_
     want = torch.zeros(k, dtype=torch.float64).index_add_(0, bucket, (sign * x).double())
     assert np.allclose(y, want.numpy(), rtol=1e-5, atol=1e-5)
     ys = torch.from_numpy(y)
     out = np.empty(d, dtype=np.float32)
-    kernels.countsketch_decode(y, out, *words)
+    kernels.countsketch_decode(y, out, words)
     assert torch.equal(torch.from_numpy(out), sign * ys.index_select(0, bucket))
 
 
@@ -64,7 +64,7 @@ def test_sign_flip_equals_rademacher_times_x(d: int, scale: float) -> None:
     x = rng.normal(4, 1, d)
     x[::5] = 0.0  # signed zeros too
     out = np.empty(d, dtype=np.float32)
-    kernels.sign_flip(x.numpy(), out, np.float32(scale), *kernels.key_words(key, 6, rng.TAG_SIGN))
+    kernels.sign_flip(x.numpy(), out, np.float32(scale), kernels.key_words(key, 6, rng.TAG_SIGN))
     want = x * rng.rademacher(key, 6, d) * scale
     assert np.array_equal(out.view(np.uint32), want.numpy().view(np.uint32))
 
@@ -72,7 +72,7 @@ def test_sign_flip_equals_rademacher_times_x(d: int, scale: float) -> None:
 def test_sign_flip_in_place() -> None:
     x = rng.normal(4, 2, 1000)
     buf = x.numpy().copy()
-    kernels.sign_flip(buf, buf, np.float32(2.0), *kernels.key_words(9, 1, rng.TAG_SIGN))
+    kernels.sign_flip(buf, buf, np.float32(2.0), kernels.key_words(9, 1, rng.TAG_SIGN))
     assert torch.equal(torch.from_numpy(buf), x * rng.rademacher(9, 1, 1000) * 2.0)
 
 
@@ -93,7 +93,7 @@ def test_first_distinct_equals_rng_choice(
     key: int, stream: int, population: int, frac: float
 ) -> None:
     k = max(1, int(population * frac))
-    got = kernels.first_distinct(population, k, *kernels.key_words(key, stream, rng.TAG_BITS))
+    got = kernels.first_distinct(population, k, kernels.key_words(key, stream, rng.TAG_BITS))
     assert torch.equal(torch.from_numpy(got), rng.choice(key, stream, population, k))
 
 
@@ -156,5 +156,5 @@ def test_quantize_int8_equals_the_torch_expression(d: int) -> None:
     scale = float(y.abs().max()) / 127.0
     u = rng.uniform(77, 3, d)
     want = torch.floor(y / scale + u).clamp_(-127, 127).to(torch.int8)
-    got = kernels.quantize_int8(y.numpy(), np.float32(scale), *kernels.key_words(77, 3, 0))
+    got = kernels.quantize_int8(y.numpy(), np.float32(scale), kernels.key_words(77, 3, 0))
     assert np.array_equal(got, want.numpy())

@@ -66,7 +66,7 @@ def quantize(
             return bytes(y.numel()), 0.0
         if kernels.AVAILABLE:  # one fused pass, same values (tests/test_kernels.py)
             words = kernels.key_words(rounding_key(key), stream, rng.TAG_BITS)
-            qn = kernels.quantize_int8(y.numpy(), np.float32(scale), *words)
+            qn = kernels.quantize_int8(y.numpy(), np.float32(scale), words)
             return qn.tobytes(), scale
         u = rng.uniform(rounding_key(key), stream, y.numel())
         q = torch.floor(y / scale + u).clamp_(-127, 127).to(torch.int8)

@@ -121,7 +121,7 @@ def _scratch(rows: int, n: int) -> np.ndarray:
 def _rows(key: int, stream: int, n: int, k: int) -> np.ndarray:
     """``rng.choice(key, stream, n, k)`` as numpy, in one compiled pass when ``2k <= n``."""
     if 2 * k <= n:
-        return kernels.first_distinct(n, k, *kernels.key_words(key, stream, rng.TAG_BITS))
+        return kernels.first_distinct(n, k, kernels.key_words(key, stream, rng.TAG_BITS))
     return rng.choice(key, stream, n, k).numpy()
 
 
@@ -202,7 +202,7 @@ class SRHTCodec(ProjectionCodec):
                 x, _, blk = items[i]
                 xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
                 signs = kernels.key_words(key, 2 * blk, rng.TAG_SIGN)
-                kernels.sign_flip(xs, z[row, : xs.shape[0]], one, *signs)
+                kernels.sign_flip(xs, z[row, : xs.shape[0]], one, signs)
                 z[row, xs.shape[0] :] = 0.0  # the zero padding
             kernels.fwht_rows(z)
             scale = np.float32(n**-0.5)
@@ -231,7 +231,7 @@ class SRHTCodec(ProjectionCodec):
                 xhat = outs[i] if outs is not None else torch.empty(d, dtype=torch.float32)
                 scale = np.float32(n**0.5 / y.numel())
                 signs = kernels.key_words(key, 2 * blk, rng.TAG_SIGN)
-                kernels.sign_flip(z[row, :d], xhat.numpy(), scale, *signs)
+                kernels.sign_flip(z[row, :d], xhat.numpy(), scale, signs)
                 out[i] = xhat
         return out
 
