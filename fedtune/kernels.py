@@ -111,37 +111,25 @@ def philox_blocks(
 
 
 @njit(cache=True, nogil=True)
-def countsketch_encode(
-    x: np.ndarray,
-    y: np.ndarray,
-    kw: np.ndarray,
-) -> None:  # pragma: no cover - compiled
-    """``y[h(i)] += s_i x_i`` in index order; word i: sign = bit 0, h = ((w >> 1) K) >> 31."""
+def countsketch(x: np.ndarray, y: np.ndarray, kw: np.ndarray, decode: bool) -> None:
+    """Count-sketch with hash word i (sign = bit 0, bucket h = ((w >> 1) K) >> 31).
+
+    Encode: ``y[h(i)] += s_i x_i`` in index order. Decode: ``x[i] = s_i y[h(i)]`` (a gather
+    and an exact sign flip). The two are adjoint; they share the hashing loop.
+    """
     d, kk = x.shape[0], _U(y.shape[0])
     w = np.empty(4 * _CHUNK, dtype=np.uint64)
     for start in range(0, d, 4 * _CHUNK):
         m = min(4 * _CHUNK, d - start)
         _fill(w, start // 4, (m + 3) // 4, kw)
-        for i in range(m):
-            wi = w[i]
-            y[((wi >> _ONE) * kk) >> _S31] += _SIGN[wi & _ONE] * x[start + i]
-
-
-@njit(cache=True, nogil=True)
-def countsketch_decode(
-    y: np.ndarray,
-    out: np.ndarray,
-    kw: np.ndarray,
-) -> None:  # pragma: no cover - compiled
-    """``out[i] = s_i y[h(i)]`` (a gather and an exact sign flip)."""
-    d, kk = out.shape[0], _U(y.shape[0])
-    w = np.empty(4 * _CHUNK, dtype=np.uint64)
-    for start in range(0, d, 4 * _CHUNK):
-        m = min(4 * _CHUNK, d - start)
-        _fill(w, start // 4, (m + 3) // 4, kw)
-        for i in range(m):
-            wi = w[i]
-            out[start + i] = _SIGN[wi & _ONE] * y[((wi >> _ONE) * kk) >> _S31]
+        if decode:
+            for i in range(m):
+                wi = w[i]
+                x[start + i] = _SIGN[wi & _ONE] * y[((wi >> _ONE) * kk) >> _S31]
+        else:
+            for i in range(m):
+                wi = w[i]
+                y[((wi >> _ONE) * kk) >> _S31] += _SIGN[wi & _ONE] * x[start + i]
 
 
 @njit(cache=True, nogil=True)

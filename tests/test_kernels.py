@@ -47,13 +47,13 @@ def test_countsketch_kernels_equal_the_torch_formula(d: int) -> None:
     bucket = ((w >> 1) * k) >> 31
     words = kernels.key_words(key, block, rng.TAG_BITS)
     y = np.zeros(k, dtype=np.float32)
-    kernels.countsketch_encode(x.numpy(), y, words)
+    kernels.countsketch(x.numpy(), y, words, False)
     # float32 sums in index order, as torch's single-threaded index_add_
     want = torch.zeros(k, dtype=torch.float64).index_add_(0, bucket, (sign * x).double())
     assert np.allclose(y, want.numpy(), rtol=1e-5, atol=1e-5)
     ys = torch.from_numpy(y)
     out = np.empty(d, dtype=np.float32)
-    kernels.countsketch_decode(y, out, words)
+    kernels.countsketch(out, y, words, True)
     assert torch.equal(torch.from_numpy(out), sign * ys.index_select(0, bucket))
 
 

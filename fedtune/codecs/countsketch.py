@@ -44,7 +44,7 @@ class CountSketchCodec(ProjectionCodec):
         if kernels.AVAILABLE and x.device.type == "cpu":
             y = np.zeros(k, dtype=np.float32)
             xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
-            kernels.countsketch_encode(xs, y, kernels.key_words(key, block, rng.TAG_BITS))
+            kernels.countsketch(xs, y, kernels.key_words(key, block, rng.TAG_BITS), False)
             return torch.from_numpy(y)
         bucket, sign = _hash(key, block, x.numel(), k, x.device)
         return torch.zeros(k, dtype=torch.float32, device=x.device).index_add_(0, bucket, sign * x)
@@ -56,7 +56,7 @@ class CountSketchCodec(ProjectionCodec):
             dest = out if out is not None else torch.empty(d, dtype=torch.float32)
             ys = np.ascontiguousarray(y.detach().cpu().numpy(), dtype=np.float32)
             words = kernels.key_words(key, block, rng.TAG_BITS)
-            kernels.countsketch_decode(ys, dest.numpy(), words)
+            kernels.countsketch(dest.numpy(), ys, words, True)
             return dest
         bucket, sign = _hash(key, block, d, y.numel(), None)
         return sign * y.index_select(0, bucket)  # ~200x faster than y[bucket]
