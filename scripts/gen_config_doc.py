@@ -75,10 +75,11 @@ HELP = {
     '`clip-mode="median"` a multiple of the round\'s median update norm',
     "clip-mode": "`fixed`: `clip-norm` is an absolute L2 bound; `median`: the bound is `clip-norm` "
     "times the median norm of the round's valid updates (FLAME, Nguyen et al. 2022)",
-    "robust-filter": "`cosine`: before merging, drop every update whose cosine with the round's "
-    "coordinate-wise median is below `robust-filter-threshold` (each drop is logged); the "
-    "direction check that norm clipping lacks (FLTrust-style, Cao et al. 2021)",
-    "robust-filter-threshold": 'the cosine below which `robust-filter="cosine"` drops an update',
+    "robust-filter": "`cosine`: before merging, drop every update whose cosine with the other "
+    "clients' coordinate-wise median direction is below `robust-filter-threshold` and a low "
+    "outlier of the round (each drop is logged); the direction check that norm clipping lacks "
+    "(FLTrust-style, Cao et al. 2021)",
+    "robust-filter-threshold": 'the cosine below which `robust-filter="cosine"` may drop an update',
 }
 
 

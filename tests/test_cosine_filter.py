@@ -39,18 +39,44 @@ def test_scaled_updates_pass_the_filter() -> None:
     assert CosineFilter().outliers(honest + boosted) == []
 
 
-def test_cosines_match_a_direct_computation() -> None:
-    ds = _honest(5, 7)
+def test_scores_match_a_direct_leave_one_out_computation() -> None:
+    ds = _honest(6, 7)
+    ds[2] = {k: -50 * v for k, v in ds[2].items()}
     flat = torch.stack([torch.cat([d["a"].reshape(-1), d["b"]]).double() for d in ds])
-    med = flat.median(dim=0).values
-    want = [float(f @ med / (f.norm() * med.norm())) for f in flat]
-    assert CosineFilter().cosines(ds) == pytest.approx(want, rel=1e-12)
+    unit = flat / flat.norm(dim=1, keepdim=True)
+    want = []
+    for i in range(len(ds)):
+        med = torch.cat([unit[:i], unit[i + 1 :]]).median(dim=0).values
+        want.append(float(unit[i] @ med / med.norm()))
+    assert CosineFilter().scores(ds) == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
-def test_too_few_updates_or_a_zero_median_drop_nothing() -> None:
-    ds = _honest(2, 1)
-    assert CosineFilter().outliers([ds[0], {k: -v for k, v in ds[0].items()}]) == []
-    zeros = [{"a": torch.zeros(3)} for _ in range(4)]
+class _FixedScores(CosineFilter):
+    def __init__(self, scores: list[float]) -> None:
+        super().__init__()
+        self._scores = scores
+
+    def scores(self, deltas):  # type: ignore[no-untyped-def]
+        return self._scores
+
+
+def test_the_rule_on_the_default_federations_round_1_scores() -> None:
+    """Scores measured on the real round-1 updates with americanair and united (0, 8) sending
+    -100x: client 9, an honest airline, leans against the others (-0.018) but is no outlier
+    (cut = min(0, median - 3 x 1.4826 x MAD) = -0.083): kept; the attackers are dropped."""
+    real = [-0.175, 0.077, 0.012, 0.05, 0.106, 0.04, 0.078, 0.066, -0.172, -0.018, 0.08]
+    dummy = [{"a": torch.zeros(1)}] * len(real)
+    assert [i for i, _ in _FixedScores(real).outliers(dummy)] == [0, 8]
+    # without the attack nothing is negative, so nothing is dropped
+    clean = [0.261, 0.113, 0.01, 0.148, 0.113, 0.087, 0.093, 0.17, 0.263, 0.256, 0.133]
+    assert _FixedScores(clean).outliers(dummy) == []
+
+
+def test_too_few_updates_or_zero_updates_drop_nothing() -> None:
+    ds = _honest(3, 1)
+    assert CosineFilter().outliers([*ds[:2], {k: -v for k, v in ds[0].items()}]) == []
+    zeros = [{"a": torch.zeros(3)} for _ in range(5)]
+    assert CosineFilter().scores(zeros) == [0.0] * 5
     assert CosineFilter().outliers(zeros) == []
 
 

@@ -339,8 +339,8 @@ class FedTuneStrategy(FedAvg):
         for i, cos in sorted(out.items()):
             slot = accepted[i][0]
             reason = (
-                f"direction filter: cosine {cos:.3f} with the round's coordinate-wise median "
-                f"is below {self.direction_filter.threshold:g}"
+                f"direction filter: cosine {cos:.3f} with the other clients' median direction "
+                f"is below {self.direction_filter.threshold:g} and an outlier this round"
             )
             stats.dropped[str(node_of.get(slot, f"slot {slot}"))] = reason
             log(WARNING, "round %d: dropped update of slot %d: %s", server_round, slot, reason)
