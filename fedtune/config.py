@@ -105,7 +105,7 @@ class Config:
     clip_mode: Literal["fixed", "median"] = "fixed"
     # drop updates whose cosine with the round's coordinate-wise median is below the threshold
     # (fedtune/merging/cosine_filter.py): the direction check that norm clipping lacks
-    robust_filter: Literal["none", "cosine"] = "none"
+    robust_filter: Literal["none", "cosine", "cosine-history"] = "none"
     robust_filter_threshold: float = 0.0
     # (name, value) pairs, sorted: tuples keep the config hashable (it keys per-process caches)
     codec_options: tuple[tuple[str, Scalar], ...] = ()

@@ -78,7 +78,8 @@ HELP = {
     "robust-filter": "`cosine`: before merging, drop every update whose cosine with the other "
     "clients' coordinate-wise median direction is below `robust-filter-threshold` and a low "
     "outlier of the round (each drop is logged); the direction check that norm clipping lacks "
-    "(FLTrust-style, Cao et al. 2021)",
+    "(FLTrust-style, Cao et al. 2021); `cosine-history`: the same test on each client's mean "
+    "score over all its rounds (FoolsGold-style memory, kept in the checkpoint)",
     "robust-filter-threshold": 'the cosine below which `robust-filter="cosine"` may drop an update',
 }
 

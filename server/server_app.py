@@ -49,8 +49,10 @@ def _strategy(
             else None
         ),
         direction_filter=(
-            merging.CosineFilter(cfg.robust_filter_threshold)
-            if cfg.robust_filter == "cosine"
+            merging.CosineFilter(
+                cfg.robust_filter_threshold, memory=cfg.robust_filter == "cosine-history"
+            )
+            if cfg.robust_filter != "none"
             else None
         ),
         on_round=on_round,
@@ -95,6 +97,8 @@ def main(grid: Grid, context: Context) -> None:
     if ck is not None:
         state, first_round = ck.adapter, ck.round + 1
         strategy.server_opt.load_state_dict(ck.server_opt)
+        if strategy.direction_filter is not None:  # cosine-history: the clients' past scores
+            strategy.direction_filter.load_state_dict(ck.extra.get("direction-filter", {}))
         if ex is not None:
             ex.load_state_dict(ck.residual)
         metrics.truncate_after(ck.round)  # rows evaluated after the checkpoint are redone
@@ -148,7 +152,11 @@ def main(grid: Grid, context: Context) -> None:
                 config=cfg.to_flat(),
                 adapter=record_to_state(arrays),
                 server_opt=strategy.server_opt.state_dict(),
-                extra={},
+                extra=(
+                    {"direction-filter": strategy.direction_filter.state_dict()}
+                    if strategy.direction_filter is not None
+                    else {}
+                ),
                 residual=dict(residual() or {}),
             ),
         )

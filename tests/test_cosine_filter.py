@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -84,3 +86,39 @@ def test_too_few_updates_or_zero_updates_drop_nothing() -> None:
 def test_threshold_outside_minus_one_one_is_rejected(bad: float) -> None:
     with pytest.raises(ValueError, match="cosine threshold must be in"):
         CosineFilter(bad)
+
+
+class _Rounds(CosineFilter):
+    """A memory filter fed given per-round scores."""
+
+    def __init__(self, rounds: list[list[float]]) -> None:
+        super().__init__(memory=True)
+        self._rounds = iter(rounds)
+
+    def scores(self, deltas):  # type: ignore[no-untyped-def]
+        return next(self._rounds)
+
+
+def test_memory_judges_clients_by_their_mean_score() -> None:
+    """Round 2 alone would drop no one (the attacker -0.04 is no outlier there); with
+    memory its mean (-0.14) still is, and an honest client's one bad round is forgiven."""
+    dummy = [{"a": torch.zeros(1)}] * 6
+    slots = [10, 11, 12, 13, 14, 15]
+    r1 = [-0.25, 0.10, 0.12, 0.08, 0.11, 0.09]
+    r2 = [-0.04, 0.01, 0.03, -0.05, 0.02, 0.00]  # honest slot 13 has a bad round
+    assert _FixedScores(r2).outliers(dummy) == []
+    f = _Rounds([r1, r2])
+    assert [i for i, _ in f.outliers(dummy, slots)] == [0]
+    got = f.outliers(dummy, slots)
+    assert [i for i, _ in got] == [0] and got[0][1] == pytest.approx(-0.145)
+    assert f.history[13] == (pytest.approx(0.03), 2)
+
+
+def test_memory_state_round_trips_exactly_and_needs_slots() -> None:
+    f = _Rounds([[0.1 / 3, -0.2, 0.3, 0.4]])
+    f.outliers([{"a": torch.zeros(1)}] * 4, [3, 1, 4, 2])
+    g = CosineFilter(memory=True)
+    g.load_state_dict(json.loads(json.dumps(f.state_dict())))
+    assert g.history == f.history
+    with pytest.raises(ValueError, match="one slot per update"):
+        CosineFilter(memory=True).outliers(_honest(5, 1))

@@ -332,14 +332,16 @@ class FedTuneStrategy(FedAvg):
         stats: RoundStats,
     ) -> list[tuple[int, Tensors, float, float]]:
         """Drop the valid replies the direction filter rejects, each with a logged reason."""
-        out = dict(self.direction_filter.outliers([a[1] for a in accepted]))
+        slots = [a[0] for a in accepted]
+        out = dict(self.direction_filter.outliers([a[1] for a in accepted], slots))
         if not out:
             return accepted
         node_of = {slot: node for node, (slot, _) in self.issued.items()}
         for i, cos in sorted(out.items()):
             slot = accepted[i][0]
+            what = "mean cosine over its rounds" if self.direction_filter.memory else "cosine"
             reason = (
-                f"direction filter: cosine {cos:.3f} with the other clients' median direction "
+                f"direction filter: {what} {cos:.3f} with the other clients' median direction "
                 f"is below {self.direction_filter.threshold:g} and an outlier this round"
             )
             stats.dropped[str(node_of.get(slot, f"slot {slot}"))] = reason

@@ -21,6 +21,14 @@ eq. 4) made binary, with the others' median standing in for the server's root-da
 ``g_0`` that a fedtune server does not have; with median-norm clipping after it, it follows
 FLAME's filter-then-clip order (Nguyen et al., USENIX Security 2022, Sec. 4), with a robust
 outlier rule in place of its HDBSCAN clustering.
+
+``memory=True`` decides on each client's *mean* score over all rounds it took part in, as
+FoolsGold judges clients by their history rather than one update (Fung et al., "The Limitations
+of Federated Learning in Sybil Settings", RAID 2020, Sec. 4). Why: once the model has learned
+what the clients share, their updates are nearly orthogonal (pairwise cosines 0.0-0.1 after 5
+rounds on the default federation) and one round's scores no longer separate a flipped update
+from an honest one (measured: attackers -0.04 / -0.08, honest -0.03..0.05), while a persistent
+attacker's mean stays far below the honest clients'. The history is part of the checkpoint.
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ from .base import Delta
 class CosineFilter:
     """``outliers(deltas)`` lists ``(index, score)`` of the updates to drop this round."""
 
-    def __init__(self, threshold: float = 0.0, k: float = 3.0, min_clients: int = 4) -> None:
+    def __init__(
+        self, threshold: float = 0.0, k: float = 3.0, min_clients: int = 4, memory: bool = False
+    ) -> None:
         t = float(threshold)
         if not -1.0 <= t <= 1.0:
             raise ValueError(f"cosine threshold must be in [-1, 1], got {threshold!r}")
@@ -48,6 +58,8 @@ class CosineFilter:
         self.threshold = t
         self.k = float(k)
         self.min_clients = min_clients
+        self.memory = memory
+        self.history: dict[int, tuple[float, int]] = {}  # slot -> (sum of scores, rounds)
 
     def scores(self, deltas: Sequence[Delta]) -> list[float]:
         """Per client: cosine of its unit update with the others' coordinate-wise median.
@@ -80,16 +92,36 @@ class CosineFilter:
             for i in range(n)
         ]
 
-    def outliers(self, deltas: Sequence[Delta]) -> list[tuple[int, float]]:
-        """Updates scoring below the threshold and below ``median - k * 1.4826 * MAD``;
-        none with fewer than ``min_clients`` updates (too few for a consensus)."""
+    def outliers(
+        self, deltas: Sequence[Delta], slots: Sequence[int] | None = None
+    ) -> list[tuple[int, float]]:
+        """Updates whose score is below the threshold and below ``median - k * 1.4826 * MAD``;
+        none with fewer than ``min_clients`` updates (too few for a consensus).
+
+        With ``memory`` the score is the client's mean over its rounds (``slots`` name the
+        clients; this round's scores are added to the history first).
+        """
         if len(deltas) < self.min_clients:
             return []
         sc = self.scores(deltas)
+        if self.memory:
+            if slots is None or len(slots) != len(deltas):
+                raise ValueError("a filter with memory needs one slot per update")
+            for slot, x in zip(slots, sc, strict=True):
+                total, count = self.history.get(int(slot), (0.0, 0))
+                self.history[int(slot)] = (total + x, count + 1)
+            sc = [self.history[int(s)][0] / self.history[int(s)][1] for s in slots]
         med = statistics.median(sc)
         spread = 1.4826 * statistics.median(abs(x - med) for x in sc)
         cut = min(self.threshold, med - self.k * spread)
         return [(i, x) for i, x in enumerate(sc) if x < cut]
 
+    def state_dict(self) -> dict[str, list[float]]:
+        """The history as JSON-able data: slot -> [sum of scores, rounds] (exact floats)."""
+        return {str(k): [t, float(c)] for k, (t, c) in sorted(self.history.items())}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.history = {int(k): (float(v[0]), int(v[1])) for k, v in state.items()}
+
     def __repr__(self) -> str:
-        return f"CosineFilter(threshold={self.threshold}, k={self.k})"
+        return f"CosineFilter(threshold={self.threshold}, k={self.k}, memory={self.memory})"
