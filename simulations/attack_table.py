@@ -31,6 +31,8 @@ def describe(run: Path) -> str:
     what = f"merger `{cfg['merger']}`"
     if float(cfg.get("clip-norm", 0) or 0) > 0:
         what += f" + clip-norm {cfg['clip-norm']} ({cfg.get('clip-mode', 'fixed')})"
+    if cfg.get("robust-filter", "none") != "none":
+        what += f" + robust-filter `{cfg['robust-filter']}`"
     if cfg.get("attack", "none") != "none":
         what += f"; attack `{cfg['attack']}` x{cfg['attack-scale']} on {cfg['attack-fraction']:.0%}"
     return what
