@@ -11,7 +11,7 @@ Block l: signs ``rng.rademacher(key, 2l, d)``, rows ``rng.choice(key, 2l+1, n, K
 is a sequence of exact elementwise butterflies (no BLAS, no atomics), so decoded values are
 bit-identical on every IEEE device. On CPU with numba the sign flip reads its bits straight
 from Philox, the butterflies run in place per row and the row choice is a single pass
-(:mod:`fedtune.kernels`): the same values as the numpy/torch path (tested), ~5x faster.
+(:mod:`fedtune.kernels`): the same values as the numpy/torch path (tested), 3-7x faster.
 """
 
 from __future__ import annotations
@@ -108,8 +108,9 @@ _SCRATCH = threading.local()
 def _scratch(rows: int, n: int) -> np.ndarray:
     """A reused (rows, n) float32 work array (contents undefined), one per thread.
 
-    At most ``_BATCH`` elements (4 MiB). Reusing it avoids a fresh allocation per group,
-    whose first touch costs a page fault per 4 KiB: a third of the transform's time.
+    ``_BATCH`` elements (4 MiB), or as many as the largest group needed (one padded block of
+    up to ``max_block``). Reusing it avoids a fresh allocation per group, whose first touch
+    costs a page fault per 4 KiB: a third of the transform's time.
     """
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.size < rows * n:
