@@ -250,7 +250,7 @@ def main() -> None:
     md = "\n\n".join(
         [
             "## Codecs (`benchmarks/codecs.py`" + (" --quick" if args.quick else "") + ")",
-            f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; "
+            f"torch {torch.__version__}, {platform.machine()}, torch threads: {torch.get_num_threads()}; "
             "shared machine, so compare ratios, not absolute times. Update: LoRA-shaped fp32 "
             "tensors with log-normal norms; K = clamp(d/64, 4096, 65536), split "
             "K_l ∝ √d_l‖Δ_l‖. `*` = dense-basis codec (cost Σ_l K_l·d_l ≈ K·d/L, Ferret "
