@@ -122,3 +122,11 @@ def test_memory_state_round_trips_exactly_and_needs_slots() -> None:
     assert g.history == f.history
     with pytest.raises(ValueError, match="one slot per update"):
         CosineFilter(memory=True).outliers(_honest(5, 1))
+
+
+def test_last_scores_are_kept_for_the_log() -> None:
+    f = _Rounds([[0.1, -0.3, 0.2, 0.15]])
+    f.outliers([{"a": torch.zeros(1)}] * 4, [0, 1, 2, 3])
+    assert f.last_scores == [0.1, -0.3, 0.2, 0.15]
+    f.outliers([{"a": torch.zeros(1)}] * 2, [0, 1])  # too few: no decision, no scores
+    assert f.last_scores == []

@@ -334,6 +334,12 @@ class FedTuneStrategy(FedAvg):
         """Drop the valid replies the direction filter rejects, each with a logged reason."""
         slots = [a[0] for a in accepted]
         out = dict(self.direction_filter.outliers([a[1] for a in accepted], slots))
+        if self.direction_filter.last_scores:  # every score, so a false drop can be traced
+            shown = ", ".join(
+                f"{slot}: {x:.3f}"
+                for slot, x in zip(slots, self.direction_filter.last_scores, strict=True)
+            )
+            log(INFO, "round %d: direction scores by slot: %s", server_round, shown)
         if not out:
             return accepted
         node_of = {slot: node for node, (slot, _) in self.issued.items()}

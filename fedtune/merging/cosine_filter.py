@@ -60,6 +60,7 @@ class CosineFilter:
         self.min_clients = min_clients
         self.memory = memory
         self.history: dict[int, tuple[float, int]] = {}  # slot -> (sum of scores, rounds)
+        self.last_scores: list[float] = []  # the scores the last decision used, for the log
 
     def scores(self, deltas: Sequence[Delta]) -> list[float]:
         """Per client: cosine of its unit update with the others' coordinate-wise median.
@@ -101,6 +102,7 @@ class CosineFilter:
         With ``memory`` the score is the client's mean over its rounds (``slots`` name the
         clients; this round's scores are added to the history first).
         """
+        self.last_scores = []
         if len(deltas) < self.min_clients:
             return []
         sc = self.scores(deltas)
@@ -111,6 +113,7 @@ class CosineFilter:
                 total, count = self.history.get(int(slot), (0.0, 0))
                 self.history[int(slot)] = (total + x, count + 1)
             sc = [self.history[int(s)][0] / self.history[int(s)][1] for s in slots]
+        self.last_scores = sc
         med = statistics.median(sc)
         spread = 1.4826 * statistics.median(abs(x - med) for x in sc)
         cut = min(self.threshold, med - self.k * spread)
