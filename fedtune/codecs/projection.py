@@ -290,16 +290,13 @@ class ProjectionCodec(Codec):
             scale = h.scales[b.index] if h.scales is not None else 1.0
             coefs.append(q.dequantize(body[pos : pos + nb], kk, h.coef, scale) if kk else None)
             pos += nb
-        todo = [
-            (y, b.size, b.index)
+        sketched = [
+            (b, y)
             for b, y, kk in zip(blocks, coefs, h.ks, strict=True)
             if y is not None and kk < b.size
         ]
-        dests = [
-            flat_out[b.name][b.start : b.stop]
-            for b, y, kk in zip(blocks, coefs, h.ks, strict=True)
-            if y is not None and kk < b.size
-        ]
+        todo = [(y, b.size, b.index) for b, y in sketched]
+        dests = [flat_out[b.name][b.start : b.stop] for b, _ in sketched]  # written in place
         rebuilt = iter(self.reconstruct_blocks(todo, h.key, dests))
         for b, y, kk in zip(blocks, coefs, h.ks, strict=True):
             dest = flat_out[b.name][b.start : b.stop]
