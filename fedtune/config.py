@@ -103,6 +103,8 @@ class Config:
     server_opt: str = "none"
     clip_norm: float = 0.0
     clip_mode: Literal["fixed", "median"] = "fixed"
+    # drop (not clip) updates whose norm is over this many times the clip bound; 0 = off
+    clip_reject: float = 0.0
     # drop updates whose cosine with the round's coordinate-wise median is below the threshold
     # (fedtune/merging/cosine_filter.py): the direction check that norm clipping lacks
     robust_filter: Literal["none", "cosine", "cosine-history"] = "none"
@@ -161,6 +163,7 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "attack_fraction": (0.0, 1.0, "a fraction in [0, 1]"),
     "fault_seconds": (0.0, None, "a non-negative number of seconds"),
     "clip_norm": (0.0, None, "0 (off) or a positive norm"),
+    "clip_reject": (0.0, None, "0 (off) or a factor >= 1"),
     "robust_filter_threshold": (-1.0, 1.0, "a cosine in [-1, 1]"),
 }
 
@@ -286,6 +289,11 @@ def _check_consistency(cfg: Config) -> None:
     if bad:
         raise ConfigError(
             f"run-config key 'mos-disable' has {bad}; allowed: {', '.join(_MOS_SWITCHES)}"
+        )
+    if cfg.clip_reject and (cfg.clip_reject < 1.0 or cfg.clip_norm <= 0):
+        raise ConfigError(
+            f"run-config key 'clip-reject' is {cfg.clip_reject:g}: it must be 0 (off) or a factor "
+            ">= 1, and it needs 'clip-norm' > 0 (it drops updates over clip-reject x that bound)"
         )
     if not cfg.targets:
         raise ConfigError("run-config key 'target-modules' is empty; give e.g. 'query,value'")

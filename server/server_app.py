@@ -44,7 +44,9 @@ def _strategy(
         run_seed=cfg.seed,
         min_valid=cfg.min_train_nodes,
         clip=(
-            merging.NormClip(cfg.clip_norm, relative=cfg.clip_mode == "median")
+            merging.NormClip(
+                cfg.clip_norm, relative=cfg.clip_mode == "median", reject=cfg.clip_reject
+            )
             if cfg.clip_norm > 0
             else None
         ),

@@ -31,6 +31,8 @@ def describe(run: Path) -> str:
     what = f"merger `{cfg['merger']}`"
     if float(cfg.get("clip-norm", 0) or 0) > 0:
         what += f" + clip-norm {cfg['clip-norm']} ({cfg.get('clip-mode', 'fixed')})"
+        if float(cfg.get("clip-reject", 0) or 0) > 0:
+            what += f", drop over {cfg['clip-reject']}x"
     if cfg.get("robust-filter", "none") != "none":
         what += f" + robust-filter `{cfg['robust-filter']}`"
     if cfg.get("attack", "none") != "none":

@@ -286,6 +286,8 @@ class FedTuneStrategy(FedAvg):
                 self.downlink.failed(self.issued[node][0])
         # merge in slot order: arrival order varies between runs, the result must not
         accepted.sort(key=lambda a: a[0])
+        if self.clip is not None and self.clip.reject:
+            accepted = self._reject_oversized(server_round, accepted, stats)
         if self.direction_filter is not None:
             accepted = self._filter_directions(server_round, accepted, stats)
         deltas = [a[1] for a in accepted]
@@ -325,6 +327,22 @@ class FedTuneStrategy(FedAvg):
         self._finish(stats)
         return state_to_record(new_state), self._metrics(stats)
 
+    def _reject_oversized(
+        self,
+        server_round: int,
+        accepted: list[tuple[int, Tensors, float, float]],
+        stats: RoundStats,
+    ) -> list[tuple[int, Tensors, float, float]]:
+        """Drop the valid replies whose norm is over ``clip-reject`` x the round's clip bound."""
+        assert self.clip is not None
+        reject = self.clip.reject
+        out = {
+            i: f"norm {n:.4g} is {n / bound:.3g}x the round's clip bound {bound:.4g} "
+            f"(clip-reject {reject:g})"
+            for i, n, bound in self.clip.oversized([a[1] for a in accepted])
+        }
+        return self._drop(server_round, accepted, out, stats)
+
     def _filter_directions(
         self,
         server_round: int,
@@ -333,23 +351,35 @@ class FedTuneStrategy(FedAvg):
     ) -> list[tuple[int, Tensors, float, float]]:
         """Drop the valid replies the direction filter rejects, each with a logged reason."""
         slots = [a[0] for a in accepted]
-        out = dict(self.direction_filter.outliers([a[1] for a in accepted], slots))
+        scored = dict(self.direction_filter.outliers([a[1] for a in accepted], slots))
         if self.direction_filter.last_scores:  # every score, so a false drop can be traced
             shown = ", ".join(
                 f"{slot}: {x:.3f}"
                 for slot, x in zip(slots, self.direction_filter.last_scores, strict=True)
             )
             log(INFO, "round %d: direction scores by slot: %s", server_round, shown)
+        what = "mean cosine over its rounds" if self.direction_filter.memory else "cosine"
+        out = {
+            i: f"direction filter: {what} {cos:.3f} with the other clients' median direction "
+            f"is below {self.direction_filter.threshold:g} and an outlier this round"
+            for i, cos in scored.items()
+        }
+        return self._drop(server_round, accepted, out, stats)
+
+    def _drop(
+        self,
+        server_round: int,
+        accepted: list[tuple[int, Tensors, float, float]],
+        out: dict[int, str],
+        stats: RoundStats,
+    ) -> list[tuple[int, Tensors, float, float]]:
+        """``accepted`` without the entries of ``out`` (index -> reason), each drop logged and
+        counted in the round's stats under its node id."""
         if not out:
             return accepted
         node_of = {slot: node for node, (slot, _) in self.issued.items()}
-        for i, cos in sorted(out.items()):
+        for i, reason in sorted(out.items()):
             slot = accepted[i][0]
-            what = "mean cosine over its rounds" if self.direction_filter.memory else "cosine"
-            reason = (
-                f"direction filter: {what} {cos:.3f} with the other clients' median direction "
-                f"is below {self.direction_filter.threshold:g} and an outlier this round"
-            )
             stats.dropped[str(node_of.get(slot, f"slot {slot}"))] = reason
             log(WARNING, "round %d: dropped update of slot %d: %s", server_round, slot, reason)
         return [a for i, a in enumerate(accepted) if i not in out]
