@@ -290,10 +290,16 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"run-config key 'mos-disable' has {bad}; allowed: {', '.join(_MOS_SWITCHES)}"
         )
-    if cfg.clip_reject and (cfg.clip_reject < 1.0 or cfg.clip_norm <= 0):
+    if cfg.clip_reject and cfg.clip_reject < 1.0:
         raise ConfigError(
-            f"run-config key 'clip-reject' is {cfg.clip_reject:g}: it must be 0 (off) or a factor "
-            ">= 1, and it needs 'clip-norm' > 0 (it drops updates over clip-reject x that bound)"
+            f"run-config key 'clip-reject' is {cfg.clip_reject:g}; it must be 0 (off) or a "
+            "factor >= 1 (updates over clip-reject x the clip bound are dropped)"
+        )
+    if cfg.clip_reject and cfg.clip_norm <= 0:
+        raise ConfigError(
+            f"run-config key 'clip-reject' is {cfg.clip_reject:g} but 'clip-norm' is 0 (off): "
+            "rejection is relative to the clip bound; set clip-norm, e.g. clip-norm=1 "
+            "clip-mode='median'"
         )
     if not cfg.targets:
         raise ConfigError("run-config key 'target-modules' is empty; give e.g. 'query,value'")

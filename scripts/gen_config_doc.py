@@ -75,6 +75,10 @@ HELP = {
     '`clip-mode="median"` a multiple of the round\'s median update norm',
     "clip-mode": "`fixed`: `clip-norm` is an absolute L2 bound; `median`: the bound is `clip-norm` "
     "times the median norm of the round's valid updates (FLAME, Nguyen et al. 2022)",
+    "clip-reject": "drop (instead of clip) each update whose norm is over this many times the "
+    "round's clip bound, with a logged reason (0 = off; needs `clip-norm`); e.g. 10 with "
+    '`clip-mode="median"`: a 100x-boosted or -100x-flipped update is removed, not shrunk to an '
+    "honest-sized push in its direction",
     "robust-filter": "`cosine`: before merging, drop every update whose cosine with the other "
     "clients' coordinate-wise median direction is below `robust-filter-threshold` and a low "
     "outlier of the round (each drop is logged); the direction check that norm clipping lacks "

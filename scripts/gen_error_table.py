@@ -127,6 +127,7 @@ def main() -> None:
             {"downlink": "payloads", "codec": "gaussian"},
         ),
         ("unknown clip mode", {"clip-mode": "mean", "clip-norm": 1.0}),
+        ("clip-reject without a clip bound", {"clip-reject": 10.0}),
         (
             "direction-filter threshold out of range",
             {"robust-filter": "cosine", "robust-filter-threshold": 2.0},

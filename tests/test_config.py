@@ -36,6 +36,8 @@ def test_unknown_key_names_the_key_and_lists_allowed():
         ("device", "tpu", "'auto', 'cpu'"),
         ("num-rounds", 0, "positive"),
         ("grad-clip", True, "must be a number"),
+        ("clip-reject", 5.0, "'clip-norm' is 0 (off)"),
+        ("clip-reject", -1.0, "0 (off) or a factor"),
     ],
 )
 def test_bad_values_name_key_and_allowed(key, value, needle):
@@ -43,6 +45,12 @@ def test_bad_values_name_key_and_allowed(key, value, needle):
         parse({key: value})
     assert f"'{key}'" in str(e.value)
     assert needle in str(e.value)
+
+
+def test_clip_reject_needs_a_factor_of_at_least_one():
+    assert parse({"clip-norm": 1.0, "clip-reject": 10}).clip_reject == 10.0
+    with pytest.raises(ConfigError, match="factor >= 1"):
+        parse({"clip-norm": 1.0, "clip-reject": 0.5})
 
 
 def test_ints_are_accepted_for_floats():

@@ -450,6 +450,23 @@ def test_aggregate_applies_clip_then_merges(name: str) -> None:
     assert torch.equal(_cat(no_clip), _cat(merging.get(name).merge(d, w, key=4)))
 
 
+def test_norm_clip_reject_lists_updates_over_r_times_the_round_bound() -> None:
+    honest = [{"a": torch.tensor([3.0, 4.0])}, {"a": torch.tensor([0.0, 6.0])}]  # norms 5, 6
+    huge, edge = {"a": torch.tensor([-300.0, -400.0])}, {"a": torch.tensor([0.0, 60.0])}
+    rule = merging.NormClip(1.0, relative=True, reject=10.0)
+    # median of (5, 6, 500, 60) = 33: only the 500 is over 10 x 33
+    assert rule.oversized([*honest, huge, edge]) == [(2, 500.0, 33.0)]
+    assert rule.oversized([*honest, edge]) == []  # 60 is exactly 10 x 6: kept
+    assert rule.oversized([]) == []
+    fixed = merging.NormClip(2.0, reject=2.0)  # absolute bound 2: drop over 4
+    assert [i for i, *_ in fixed.oversized(honest)] == [0, 1]
+    assert merging.NormClip(1.0, relative=True).oversized([huge, *honest]) == []  # off
+    assert "reject above 10" in repr(rule)
+    for bad in (0.5, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="reject"):
+            merging.NormClip(1.0, reject=bad)
+
+
 def test_norm_clip_median_mode_bounds_outliers_by_the_round_median() -> None:
     """FLAME-style adaptive clip: the bound is max_norm x the median norm of the round."""
     honest = [{"a": torch.tensor([3.0, 4.0])}, {"a": torch.tensor([0.0, 6.0])}]  # norms 5, 6

@@ -238,3 +238,27 @@ def test_direction_filter_drops_updates_against_the_consensus_and_logs_why():
     assert stats.valid == 4 and set(stats.dropped) == {"404"}
     assert "direction filter: cosine -1.000" in stats.dropped["404"]
     assert metrics["dropped-replies"] == 1
+
+
+def test_clip_reject_drops_oversized_updates_before_the_direction_filter_and_logs_why():
+    nodes = _grid5()
+    s, spec = _strategy(
+        clip=merging.NormClip(1.0, relative=True, reject=10.0),
+        direction_filter=merging.CosineFilter(0.0),
+    )
+    msgs = list(s.configure_train(1, state_to_record(spec), ConfigRecord({}), _grid(nodes=nodes)))
+    assert len(msgs) == 5
+    c = codecs.get("dense")
+    values = {101: 1.0, 202: 1.0, 303: 1.0, 404: 100.0, 505: 1.0}  # 404 boosts 100x
+    replies = [
+        _reply(n, c.encode(_delta(v), s.issued[n][1], round=1, slot=s.issued[n][0]), n=10)
+        for n, v in values.items()
+    ]
+    arrays, metrics = s.aggregate_train(1, replies)
+    # the boosted update is gone, not clipped: the mean of the four honest ones is exact
+    assert torch.equal(record_to_state(arrays)["a"], torch.full((2, 3), 1.0))
+    stats = s.history[-1]
+    assert stats.valid == 4 and set(stats.dropped) == {"404"}
+    assert "is 100x the round's clip bound" in stats.dropped["404"]
+    assert "clip-reject 10" in stats.dropped["404"]
+    assert metrics["dropped-replies"] == 1
