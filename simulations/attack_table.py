@@ -1,6 +1,6 @@
 """Malicious-client table (issue 8) from finished run folders.
 
-    python simulations/attack_table.py CLEAN_RUN_DIR ATTACKED_RUN_DIR... [--no-write]
+    python simulations/attack_table.py CLEAN_RUN_DIR ATTACKED_RUN_DIR... [--no-write] [--section S]
 
 Run the attacked configurations first, e.g. ``python -m fedtune.launch -c
 simulations/m_signflip_median.toml``. For every run the table shows held-out accuracy / loss
@@ -44,13 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--section", default="malicious", help="docs/benchmarks.md section to write")
+    ap.add_argument(
+        "--title",
+        default="Malicious clients: 2 of 11 send sign-flipped (x-100 or x-1) or boosted (x100) updates",
+    )
     args = ap.parse_args(argv)
     runs = [Path(r) for r in args.runs]
     clean = rows(runs[0])
     last = max(max(rows(r)) for r in runs)
     head = " | ".join(f"round {k}" for k in range(1, last + 1))
     lines = [
-        "## Malicious clients: 2 of 11 send sign-flipped (x-100) or boosted (x100) updates",
+        f"## {args.title}",
         "",
         "Held-out accuracy / loss after each round, and in brackets the accuracy gap to the clean "
         f"run (`{runs[0].name}`) at the same round. `python simulations/attack_table.py "
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     md = "\n".join(lines)
     print(md)
     if not args.no_write:
-        write_section("malicious", md)
+        write_section(args.section, md)
     return 0
 
 
