@@ -221,3 +221,31 @@ def test_too_few_replies_skip_the_round_and_the_run_still_ends(tiny_run_config, 
     # the skipped round kept the global adapter: same held-out result as before round 1
     assert rows[1]["test-loss"] == rows[0]["test-loss"]
     assert not rows[2]["skipped"] and rows[2]["valid-replies"] == 3
+
+
+@pytest.mark.slow
+def test_boosted_attackers_are_dropped_by_clip_reject_in_a_real_run(tiny_run_config, tmp_path):
+    """A real ``flwr run`` with one of 5 clients sending -100x updates: every round drops
+    exactly that client, with the reason in the log, and merges the other four."""
+    from fedtune import pipeline
+    from fedtune.config import parse
+
+    cfg = {
+        **tiny_run_config,
+        "num-partitions": 5,
+        "attack": "sign-flip",
+        "attack-fraction": 0.2,
+        "attack-scale": 100.0,
+        "clip-norm": 1.0,
+        "clip-mode": "median",
+        "clip-reject": 10.0,
+    }
+    (bad,) = pipeline.attackers(parse(cfg), 5)
+    rc, out, _, rows = _simulate(cfg, tmp_path, "reject")
+    assert rc == 0, out[-4000:]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert r["valid-replies"] == 4 and r["dropped-replies"] == 1 and not r["skipped"]
+    for rnd in (1, 2):
+        assert f"round {rnd}: dropped update of slot {bad}: norm" in out
+    assert out.count("(clip-reject 10)") == 2
