@@ -27,7 +27,7 @@ def test_attackers_are_a_keyed_fixed_subset(fraction: float, n: int, k: int) -> 
     cfg = parse({"attack": "sign-flip", "attack-fraction": fraction})
     got = pipeline.attackers(cfg, n)
     assert len(got) == k and got <= set(range(n))
-    assert pipeline.attackers(cfg, n) == got  # the same every round and every process
+    assert pipeline.attackers(cfg, n) == got  # a function of the config alone: fixed for the run
     if 0 < k < n:  # another seed draws another subset (for some seed)
         others = {
             frozenset(pipeline.attackers(parse({**cfg.to_flat(), "seed": s}), n)) for s in range(8)

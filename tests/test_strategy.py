@@ -249,13 +249,13 @@ def test_clip_reject_drops_oversized_updates_before_the_direction_filter_and_log
     msgs = list(s.configure_train(1, state_to_record(spec), ConfigRecord({}), _grid(nodes=nodes)))
     assert len(msgs) == 5
     c = codecs.get("dense")
-    values = {101: 1.0, 202: 1.0, 303: 1.0, 404: 100.0, 505: 1.0}  # 404 boosts 100x
+    values = {101: 1.0, 202: 1.0, 303: 1.0, 404: -100.0, 505: 1.0}  # 404 flips, 100x
     replies = [
         _reply(n, c.encode(_delta(v), s.issued[n][1], round=1, slot=s.issued[n][0]), n=10)
         for n, v in values.items()
     ]
     arrays, metrics = s.aggregate_train(1, replies)
-    # the boosted update is gone, not clipped: the mean of the four honest ones is exact
+    # dropped, not clipped: clipped to the median norm it would pull the mean to (4 - 1) / 5
     assert torch.equal(record_to_state(arrays)["a"], torch.full((2, 3), 1.0))
     stats = s.history[-1]
     assert stats.valid == 4 and set(stats.dropped) == {"404"}

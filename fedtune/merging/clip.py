@@ -62,20 +62,25 @@ class NormClip:
         median is an honest norm."""
         if not self.reject or not deltas:
             return []
-        bound = self.for_round(deltas).max_norm
-        norms = [self.norm(d) for d in deltas]
+        norms = [self.norm(d) for d in deltas]  # once: the bound and the test share them
+        bound = self._bound(norms)
         return [(i, n, bound) for i, n in enumerate(norms) if n > self.reject * bound]
 
     def for_round(self, deltas: Sequence[Delta]) -> NormClip:
         """The fixed clip to apply to this round's ``deltas`` (``self`` unless relative)."""
         if not self.relative:
             return self
-        norms = [self.norm(d) for d in deltas]
+        return NormClip(self._bound([self.norm(d) for d in deltas]))
+
+    def _bound(self, norms: Sequence[float]) -> float:
+        """The clip bound of a round whose update norms are ``norms``."""
+        if not self.relative:
+            return self.max_norm
         if not norms or not all(math.isfinite(n) for n in norms):
             raise ValueError("cannot clip deltas that contain NaN or Inf")
         # a median of 0 means most clients sent nothing: shrink the rest to (almost) nothing
         # too; NormClip(0) itself would be invalid
-        return NormClip(max(self.max_norm * statistics.median(norms), 1e-30))
+        return max(self.max_norm * statistics.median(norms), 1e-30)
 
     @staticmethod
     def norm(delta: Delta) -> float:
