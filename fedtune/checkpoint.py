@@ -82,16 +82,24 @@ def save(run_dir: Path, ck: Checkpoint) -> Path:
     if final.exists():
         os.replace(final, old)  # rename is atomic; then the new one takes its place
     os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    for stale in run_dir.glob(f".{NAME}.old-*"):  # ours, and any left by a killed process
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _mtime(p: Path) -> float:
+    return p.stat().st_mtime
 
 
 def load(run_dir: Path) -> Checkpoint:
     """Read ``run_dir/checkpoint`` or raise :class:`CheckpointError` saying what is wrong."""
     d = Path(run_dir) / NAME
     if not (d / "state.json").is_file():
-        raise CheckpointError(f"no checkpoint in '{run_dir}' (expected {d / 'state.json'})")
+        # killed between save()'s two renames: the previous checkpoint is whole under .old-*
+        olds = sorted(Path(run_dir).glob(f".{NAME}.old-*/state.json"), key=_mtime)
+        if not olds:
+            raise CheckpointError(f"no checkpoint in '{run_dir}' (expected {d / 'state.json'})")
+        d = olds[-1].parent
     try:
         meta = json.loads((d / "state.json").read_text())
         adapter = load_file(str(d / "adapter.safetensors"))

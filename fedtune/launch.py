@@ -72,13 +72,15 @@ def _process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def stop_superlink(flwr_home: Path, grace: float = 5.0) -> int:
+def stop_superlink(flwr_home: Path, grace: float = 5.0, hard: bool = False) -> int:
     """Stop the local SuperLink started for ``flwr_home`` and everything it spawned.
 
     The SuperLink is found by ``flwr_home`` in its command line (its database lives there);
     its descendants (the simulation process, Ray's GCS, raylet and client actors) start their
     own process groups, so we collect the whole tree first, then SIGTERM every group and
-    SIGKILL what is still alive after ``grace`` seconds. Returns how many processes were found.
+    SIGKILL what is still alive after ``grace`` seconds. ``hard=True`` skips the SIGTERM and
+    kills at once, as a crash would (the ServerApp gets no chance to finish its round).
+    Returns how many processes were found.
     """
     table = _process_table()
     roots = [
@@ -95,7 +97,7 @@ def stop_superlink(flwr_home: Path, grace: float = 5.0) -> int:
         if pid not in tree:
             tree.add(pid)
             todo.extend(children.get(pid, []))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in (signal.SIGKILL,) if hard else (signal.SIGTERM, signal.SIGKILL):
         alive = [p for p in tree if Path(f"/proc/{p}").exists()]
         if not alive:
             break

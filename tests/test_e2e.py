@@ -97,7 +97,13 @@ def test_run_dirs_are_never_reused(tmp_path):
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_run_config, tmp_path):
-    """Kill the whole simulation (server included) after a random round, resume, compare."""
+    """Kill the whole simulation (server included) after a random round, resume, compare.
+
+    The tiny model's rounds take a fraction of a second on a fast machine, so the kill is a
+    SIGKILL of the server's tree first (no SIGTERM grace in which rounds go on) and the run
+    has rounds to spare after the earliest kill point.
+    """
+    import contextlib
     import os
     import random
     import signal
@@ -107,9 +113,11 @@ def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_ru
 
     from safetensors.torch import load_file
 
+    from fedtune import checkpoint
     from fedtune.launch import stop_superlink
 
-    cfg = {**tiny_run_config, "num-rounds": 3, "codec": "srht", "run-name": "full"}
+    rounds = 6
+    cfg = {**tiny_run_config, "num-rounds": rounds, "codec": "srht", "run-name": "full"}
     assert launch(["-c", _kv(cfg), "--flwr-home", str(tmp_path / "h1")]) == 0
 
     kill_after = random.Random(1234).choice([1, 2])  # a "random" round, reproducibly
@@ -121,22 +129,23 @@ def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_ru
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    state = tmp_path / "runs" / "part" / "checkpoint" / "state.json"
+    run_dir = tmp_path / "runs" / "part"
     deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline:
-            if state.exists() and json.loads(state.read_text())["round"] >= kill_after:
-                break
+            with contextlib.suppress(checkpoint.CheckpointError):  # none yet, or mid-rename
+                if checkpoint.load(run_dir).round >= kill_after:
+                    break
             assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.2)
+            time.sleep(0.02)
         else:
             pytest.fail("no checkpoint appeared")
     finally:
+        stop_superlink(home.resolve(), hard=True)  # the server lives in the SuperLink's tree
         os.killpg(proc.pid, signal.SIGKILL)
-        stop_superlink(home.resolve())
         proc.wait()
-    killed_at = json.loads(state.read_text())["round"]
-    assert killed_at < 3
+    killed_at = checkpoint.load(run_dir).round
+    assert killed_at < rounds, "the run ended before the kill reached it"
 
     resumed = {**part, "resume": str(tmp_path / "runs" / "part")}
     assert launch(["-c", _kv(resumed), "--flwr-home", str(home)]) == 0
@@ -148,7 +157,7 @@ def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_ru
         json.loads(x)["round"]
         for x in (tmp_path / "runs" / "part" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert rows == [0, 1, 2, 3]
+    assert rows == list(range(rounds + 1))
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path):
@@ -169,6 +178,24 @@ def test_resume_with_a_changed_config_is_refused(tmp_path):
         checkpoint.check_compatible(back.config, {"lr": 0.2, "num-rounds": 2})
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         checkpoint.load(tmp_path / "nothing")
+
+
+def test_a_kill_between_the_checkpoint_renames_loses_nothing(tmp_path):
+    """save() moves the old checkpoint aside, then the new one in: a kill between the two
+    leaves no ``checkpoint/``; load() must find the previous one, and the next save tidies."""
+    from fedtune import checkpoint
+
+    def ck(r: int) -> checkpoint.Checkpoint:
+        return checkpoint.Checkpoint(r, 0, {"lr": 0.1}, {"w": torch.full((2,), r)}, {}, {})
+
+    checkpoint.save(tmp_path, ck(1))
+    (tmp_path / "checkpoint").rename(tmp_path / ".checkpoint.old-4242")  # the killed save's step 1
+    (tmp_path / ".checkpoint.tmp-4242").mkdir()  # and its new, never-renamed copy (partial)
+    back = checkpoint.load(tmp_path)
+    assert back.round == 1 and torch.equal(back.adapter["w"], torch.full((2,), 1))
+    checkpoint.save(tmp_path, ck(2))
+    assert checkpoint.load(tmp_path).round == 2
+    assert not list(tmp_path.glob(".checkpoint.old-*"))
 
 
 @pytest.mark.slow
