@@ -29,6 +29,8 @@ def rows(run: Path) -> dict[int, dict]:  # type: ignore[type-arg]
 def describe(run: Path) -> str:
     cfg = json.loads((run / "config.json").read_text())
     what = f"merger `{cfg['merger']}`"
+    if cfg.get("partitioning", "natural") != "natural":
+        what = f"{cfg['partitioning']} split into {cfg['num-partitions']}; " + what
     if float(cfg.get("clip-norm", 0) or 0) > 0:
         what += f" + clip-norm {cfg['clip-norm']} ({cfg.get('clip-mode', 'fixed')})"
         if float(cfg.get("clip-reject", 0) or 0) > 0:

