@@ -72,10 +72,18 @@ def _process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
+def _superlink_db(flwr_home: Path) -> Path:
+    """Where the local SuperLink of ``flwr_home`` keeps its state (also how we find it)."""
+    return flwr_home / "local-superlink" / "state.db"
+
+
 def stop_superlink(flwr_home: Path, grace: float = 5.0, hard: bool = False) -> int:
     """Stop the local SuperLink started for ``flwr_home`` and everything it spawned.
 
-    The SuperLink is found by ``flwr_home`` in its command line (its database lives there);
+    The SuperLink is found by its database path, ``flwr_home/local-superlink/state.db``, as a
+    whole argument of its command line (a substring test on ``flwr_home`` alone would also
+    match, and kill, the SuperLink of a run whose home merely starts with the same path:
+    ``.flwr-home/exp1`` vs ``.flwr-home/exp10``);
     its descendants (the simulation process, Ray's GCS, raylet and client actors) start their
     own process groups, so we collect the whole tree first, then SIGTERM every group and
     SIGKILL what is still alive after ``grace`` seconds. ``hard=True`` skips the SIGTERM and
@@ -83,10 +91,11 @@ def stop_superlink(flwr_home: Path, grace: float = 5.0, hard: bool = False) -> i
     Returns how many processes were found.
     """
     table = _process_table()
+    db = f" {_superlink_db(Path(flwr_home).resolve())} "  # arguments are space-joined
     roots = [
         pid
         for pid, (_, cmd) in table.items()
-        if pid != os.getpid() and "flower-superlink" in cmd and str(flwr_home) in cmd
+        if pid != os.getpid() and "flower-superlink" in cmd and db in f"{cmd} "
     ]
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
@@ -297,7 +306,8 @@ def start_superlink(
     import urllib.error
     import urllib.request
 
-    state = flwr_home / "local-superlink"
+    db = _superlink_db(flwr_home.resolve())
+    state = db.parent
     state.mkdir(parents=True, exist_ok=True)
     cmd = [
         str(Path(sys.executable).with_name("flower-superlink")),
@@ -312,7 +322,7 @@ def start_superlink(
         "--port",
         str(http_port),
         "--database",
-        str(state / "state.db"),
+        str(db),
         "--disable-runtime-dependency-installation",
     ]
     log = (state / "superlink.log").open("ab")

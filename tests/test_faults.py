@@ -132,6 +132,34 @@ def test_the_launcher_stops_a_simulation_that_outlives_its_server(tmp_path, caps
     assert "still waiting for a ClientApp after 0 s" in capsys.readouterr().err
 
 
+def test_stopping_one_runs_superlink_leaves_a_run_with_a_longer_name_alone(tmp_path):
+    """Runs 'exp1' and 'exp10' side by side: starting (or stopping) exp1 stops the SuperLink
+    of exp1's home only. Before session 5 a substring test on the home path killed exp10's too."""
+    from fedtune.launch import _state, stop_superlink
+
+    def fake_superlink(home: Path) -> subprocess.Popen[bytes]:
+        db = home.resolve() / "local-superlink" / "state.db"
+        # extra arguments after -c land in sys.argv: a process whose command line looks like one
+        code = "import time; time.sleep(120)"
+        return subprocess.Popen(
+            [sys.executable, "-c", code, "flower-superlink", "--database", str(db), "--insecure"],
+            start_new_session=True,
+        )
+
+    one, ten = fake_superlink(tmp_path / "exp1"), fake_superlink(tmp_path / "exp10")
+    try:
+        time.sleep(0.5)  # let both exec
+        assert stop_superlink(tmp_path / "exp1", grace=10) == 1
+        one.wait(timeout=10)
+        assert _state(ten.pid) not in ("", "Z"), "the other run's SuperLink was stopped too"
+        assert stop_superlink(tmp_path / "exp10", grace=10) == 1
+        ten.wait(timeout=10)
+    finally:
+        for p in (one, ten):
+            p.kill()
+            p.wait()
+
+
 # --------------------------------------------------------------------------- simulations
 SIM_LIMIT_S = 420  # the whole run, on a loaded 2-core machine; it must never hang
 LAUNCH = ["--num-cpus", "1", "--stop-grace", "20"]
