@@ -35,6 +35,13 @@ def describe(run: Path) -> str:
         what += f" + clip-norm {cfg['clip-norm']} ({cfg.get('clip-mode', 'fixed')})"
         if float(cfg.get("clip-reject", 0) or 0) > 0:
             what += f", drop over {cfg['clip-reject']}x"
+    if cfg.get("server-opt", "none") != "none":
+        opts = ", ".join(
+            f"{k.removeprefix('server-opt-')} {v}"
+            for k, v in cfg.items()
+            if k.startswith("server-opt-") and v != ""
+        )
+        what += f" + server-opt `{cfg['server-opt']}` ({opts})"
     if cfg.get("robust-filter", "none") != "none":
         what += f" + robust-filter `{cfg['robust-filter']}`"
     if cfg.get("attack", "none") != "none":
