@@ -82,13 +82,10 @@ def save(run_dir: Path, ck: Checkpoint) -> Path:
     if final.exists():
         os.replace(final, old)  # rename is atomic; then the new one takes its place
     os.replace(tmp, final)
-    for stale in run_dir.glob(f".{NAME}.old-*"):  # ours, and any left by a killed process
+    # ours, and any copies (set aside or half-written) that a killed save left behind
+    for stale in [*run_dir.glob(f".{NAME}.old-*"), *run_dir.glob(f".{NAME}.tmp-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
-
-
-def _mtime(p: Path) -> float:
-    return p.stat().st_mtime
 
 
 def load(run_dir: Path) -> Checkpoint:
@@ -96,7 +93,9 @@ def load(run_dir: Path) -> Checkpoint:
     d = Path(run_dir) / NAME
     if not (d / "state.json").is_file():
         # killed between save()'s two renames: the previous checkpoint is whole under .old-*
-        olds = sorted(Path(run_dir).glob(f".{NAME}.old-*/state.json"), key=_mtime)
+        olds = sorted(
+            Path(run_dir).glob(f".{NAME}.old-*/state.json"), key=lambda p: p.stat().st_mtime
+        )
         if not olds:
             raise CheckpointError(f"no checkpoint in '{run_dir}' (expected {d / 'state.json'})")
         d = olds[-1].parent

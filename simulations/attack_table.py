@@ -1,11 +1,13 @@
 """Malicious-client table (issue 8) from finished run folders.
 
-    python simulations/attack_table.py CLEAN_RUN_DIR ATTACKED_RUN_DIR... [--no-write] [--section S]
+    python simulations/attack_table.py CLEAN_RUN_DIR ATTACKED_RUN_DIR... [--no-write]
+        [--section S] [--title T]
 
 Run the attacked configurations first, e.g. ``python -m fedtune.launch -c
 simulations/m_signflip_median.toml``. For every run the table shows held-out accuracy / loss
 after each round and the gap to the clean run at the same round, and the section
-``malicious`` of docs/benchmarks.md is rewritten. The clean run is the first argument.
+``malicious`` (or ``--section``) of docs/benchmarks.md is rewritten. The clean run is the
+first argument.
 """
 
 from __future__ import annotations

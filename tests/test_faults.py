@@ -135,10 +135,10 @@ def test_the_launcher_stops_a_simulation_that_outlives_its_server(tmp_path, caps
 def test_stopping_one_runs_superlink_leaves_a_run_with_a_longer_name_alone(tmp_path):
     """Runs 'exp1' and 'exp10' side by side: starting (or stopping) exp1 stops the SuperLink
     of exp1's home only. Before session 5 a substring test on the home path killed exp10's too."""
-    from fedtune.launch import _state, stop_superlink
+    from fedtune.launch import _state, _superlink_db, stop_superlink
 
     def fake_superlink(home: Path) -> subprocess.Popen[bytes]:
-        db = home.resolve() / "local-superlink" / "state.db"
+        db = _superlink_db(home.resolve())
         # extra arguments after -c land in sys.argv: a process whose command line looks like one
         code = "import time; time.sleep(120)"
         return subprocess.Popen(
