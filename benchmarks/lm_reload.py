@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     run = Path(args.run_dir)
     pipeline.quiet_libraries()
-    cfg = parse(json.loads((run / "config.json").read_text()), validate_methods=False)
+    cfg = parse(json.loads((run / "config.json").read_text()))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     fed = pipeline.federation(cfg)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
+
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import codecs, faults, pipeline
-from fedtune.config import Config, parse
+from fedtune import codecs, faults, parts, pipeline
+from fedtune.config import Config, Scalar
 from fedtune.fl import downlink
 from fedtune.fl.records import (
     config_int,
@@ -20,6 +23,7 @@ from fedtune.fl.records import (
 )
 
 app = ClientApp()
+APP_DIR = Path(__file__).resolve().parents[1]  # the unpacked Flower app: plug-in paths start here
 
 
 def _partition_id(context: Context) -> int:
@@ -39,7 +43,13 @@ def _config(context: Context) -> Config:
         value = context.node_config.get(key)
         if isinstance(value, str) and value:
             run_config[key] = value
-    return parse(run_config, validate_methods=False)
+    return _load(tuple(sorted(run_config.items())))
+
+
+@lru_cache(maxsize=4)
+def _load(items: tuple[tuple[str, Scalar], ...]) -> Config:
+    """Parse, import the plug-ins and validate once per process and config."""
+    return parts.load_config(dict(items), app_dir=APP_DIR)
 
 
 @app.train()

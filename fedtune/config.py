@@ -24,7 +24,12 @@ from typing import Any, Literal, get_args, get_type_hints
 Scalar = bool | int | float | str
 
 #: prefixes whose keys are forwarded as options to a registered method
-PREFIXES: dict[str, str] = {"codec-": "codec", "merger-": "merger", "server-opt-": "server_opt"}
+PREFIXES: dict[str, str] = {
+    "codec-": "codec",
+    "merger-": "merger",
+    "server-opt-": "server_opt",
+    "adapter-": "adapter",
+}
 
 
 class ConfigError(ValueError):
@@ -37,6 +42,9 @@ class Config:
 
     # run
     seed: int = 0
+    # comma list of Python files (relative to the app folder) or module names imported before
+    # the parts are built, so the methods they register can be named (docs/extending.md)
+    plugins: str = ""
     num_rounds: int = 5
     output_dir: str = "runs"
     run_name: str = ""
@@ -77,7 +85,10 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     device: str = "auto"
-    zo_eps: float = 1e-3  # SPSA perturbation scale (codec='spsa')
+    # the local trainer: 'first-order' (AdamW steps, then the codec encodes the delta) or
+    # 'zeroth-order' (MeZO steps; the payload is their scalars); 'auto' = what the codec needs
+    trainer: Literal["auto", "first-order", "zeroth-order"] = "auto"
+    zo_eps: float = 1e-3  # SPSA perturbation scale (trainer='zeroth-order')
     error_feedback: bool = False  # client keeps what the projection lost (projection codecs)
     # robustness experiments: a keyed fraction of clients sends corrupted updates
     attack: Literal["none", "sign-flip", "scale", "noise"] = "none"
@@ -113,6 +124,7 @@ class Config:
     codec_options: tuple[tuple[str, Scalar], ...] = ()
     merger_options: tuple[tuple[str, Scalar], ...] = ()
     server_opt_options: tuple[tuple[str, Scalar], ...] = ()
+    adapter_options: tuple[tuple[str, Scalar], ...] = ()
 
     # --- derived views -------------------------------------------------------------
     @property
@@ -168,7 +180,7 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
 }
 
 
-_MOS_SWITCHES = {
+MOS_SWITCHES = {
     "subset": "subset_selection",
     "pair": "pair_dissociation",
     "vector": "vector_sharding",
@@ -212,17 +224,19 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     raise ConfigError(f"run-config key '{kebab}': unsupported type {typ}")  # pragma: no cover
 
 
-def parse(run_config: Mapping[str, Any], *, validate_methods: bool = True) -> Config:
+def parse(run_config: Mapping[str, Any]) -> Config:
     """Parse Flower's flat run_config into a :class:`Config`, or raise :class:`ConfigError`.
 
-    Unknown keys are errors (a typo must not silently fall back to a default). With
-    ``validate_methods`` the codec / merger / server optimizer are built once with their
-    options so a bad name or option fails here.
+    Unknown keys are errors (a typo must not silently fall back to a default). This checks
+    types, ranges and the consistency of plain values only; whether the named methods exist
+    and accept their options is checked where they are built, by
+    :func:`fedtune.parts.validate` (config.py sits at the bottom of the house and imports no
+    other part of fedtune).
     """
     hints = get_type_hints(Config)
     names = {f.name for f in dataclasses.fields(Config)}
     values: dict[str, Any] = {}
-    options: dict[str, dict[str, Scalar]] = {"codec": {}, "merger": {}, "server_opt": {}}
+    options: dict[str, dict[str, Scalar]] = {v: {} for v in PREFIXES.values()}
     for raw_key, value in run_config.items():
         key = raw_key.replace("_", "-")
         prefix = next((p for p in PREFIXES if key.startswith(p)), None)
@@ -250,10 +264,9 @@ def parse(run_config: Mapping[str, Any], *, validate_methods: bool = True) -> Co
         codec_options=tuple(sorted(options["codec"].items())),
         merger_options=tuple(sorted(options["merger"].items())),
         server_opt_options=tuple(sorted(options["server_opt"].items())),
+        adapter_options=tuple(sorted(options["adapter"].items())),
     )
     _check_consistency(cfg)
-    if validate_methods:
-        validate_method_names(cfg)
     return cfg
 
 
@@ -281,14 +294,10 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"run-config key 'device' is {cfg.device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'"
         )
-    if cfg.factor_mode == "exact":
-        _check_exact(cfg)
-    if cfg.downlink != "dense":
-        _check_downlink(cfg)
-    bad = [x for x in cfg.mos_disable.split(",") if x.strip() and x.strip() not in _MOS_SWITCHES]
+    bad = [x for x in cfg.mos_disable.split(",") if x.strip() and x.strip() not in MOS_SWITCHES]
     if bad:
         raise ConfigError(
-            f"run-config key 'mos-disable' has {bad}; allowed: {', '.join(_MOS_SWITCHES)}"
+            f"run-config key 'mos-disable' has {bad}; allowed: {', '.join(MOS_SWITCHES)}"
         )
     if cfg.clip_reject and cfg.clip_reject < 1.0:
         raise ConfigError(
@@ -308,91 +317,6 @@ def _check_consistency(cfg: Config) -> None:
             "run-config key 'partitioning' is 'natural' but 'client-column' is empty; "
             "name the column that holds each row's client, or use partitioning='iid'/'dirichlet'"
         )
-
-
-def _check_exact(cfg: Config) -> None:
-    """``factor-mode='exact'`` (FedEx-LoRA) folds ``Σ w_k B_k A_k − B̄ Ā`` into the base weight,
-    which is exact only if the new global factors are the weighted means ``Ā``, ``B̄``."""
-    opts = dict(cfg.merger_options)
-    scale, normalize = opts.get("scale", 1.0), opts.get("normalize", True)
-    unit_ta = (
-        cfg.merger == "task-arithmetic"
-        and isinstance(scale, int | float)
-        and not isinstance(scale, bool)
-        and float(scale) == 1.0
-        and normalize is True
-    )
-    if cfg.merger != "fedavg" and not unit_ta:
-        what = f"{cfg.merger!r}" + (f" with options {opts}" if opts else "")
-        raise ConfigError(
-            f"run-config key 'merger' is {what} but factor-mode='exact' makes each adapted weight "
-            "the weighted mean of the clients' weights, so it needs that mean: 'fedavg' (or "
-            "'task-arithmetic' with merger-scale=1, merger-normalize=true); the residual would "
-            "silently undo a nonlinear merge of A and B"
-        )
-    if cfg.server_opt != "none":
-        raise ConfigError(
-            f"run-config key 'server-opt' is {cfg.server_opt!r} but factor-mode='exact' needs "
-            "'none': the residual folds the clients' mean product into the base weights, so an "
-            "optimizer step on A and B would be undone there and act only on the other tensors"
-        )
-
-
-def _check_downlink(cfg: Config) -> None:
-    """A client can rebuild the global adapter bit for bit only from a stateless, linear
-    update with a decoder that rounds the same everywhere (fedtune/downlink.py)."""
-    from fedtune.downlink import INEXACT_CODECS, LINEAR_MERGERS, STATELESS_SERVER_OPTS
-
-    why = f"downlink={cfg.downlink!r} makes clients rebuild the global adapter from payloads"
-    if cfg.merger not in LINEAR_MERGERS:
-        raise ConfigError(
-            f"run-config key 'merger' is {cfg.merger!r} but {why}, which is exact only for a "
-            f"linear merger: {', '.join(LINEAR_MERGERS)}; use downlink='dense'"
-        )
-    if cfg.server_opt not in STATELESS_SERVER_OPTS:
-        raise ConfigError(
-            f"run-config key 'server-opt' is {cfg.server_opt!r} but {why}, and clients cannot "
-            f"replay optimizer state they never saw; allowed: "
-            f"{', '.join(STATELESS_SERVER_OPTS)}, or downlink='dense'"
-        )
-    if cfg.codec in INEXACT_CODECS:
-        raise ConfigError(
-            f"run-config key 'codec' is {cfg.codec!r} but {why}, and its decoder sums with BLAS "
-            "(rounding can differ between machines); use srht, countsketch, dense or spsa"
-        )
-    if cfg.factor_mode == "exact":
-        raise ConfigError(
-            f"run-config key 'factor-mode' is 'exact' but {why}; exact mode sends its dense "
-            "residual with every train message anyway, so use downlink='dense'"
-        )
-
-
-def validate_method_names(cfg: Config) -> None:
-    """Build the configured codec, merger and server optimizer once (fail fast)."""
-    # Imported here: the registries import torch-heavy modules we do not need for parsing.
-    from fedtune import adapters, merging
-    from fedtune.registry import RegistryError
-
-    if cfg.adapter not in adapters.names():
-        raise ConfigError(
-            f"run-config key 'adapter' is {cfg.adapter!r}; allowed: {', '.join(adapters.names())}"
-        )
-    from fedtune.pipeline import build_adapter, build_codec
-
-    checks: list[tuple[str, Any]] = [
-        ("adapter", lambda: build_adapter(cfg)),
-        ("codec", lambda: build_codec(cfg)),
-        ("merger", lambda: merging.get(cfg.merger, **dict(cfg.merger_options))),
-        (
-            "server-opt",
-            lambda: merging.get_server_opt(cfg.server_opt, **dict(cfg.server_opt_options)),
-        ),
-    ]
-    for key, build in checks:
-        try:
-            build()
-        except RegistryError as e:
-            raise ConfigError(f"run-config key '{key}': {e}") from None
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

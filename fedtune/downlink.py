@@ -29,16 +29,13 @@ from typing import Any
 
 import torch
 
-from fedtune import merging
+from fedtune.round import apply_updates
 
 Tensors = dict[str, torch.Tensor]
 
-#: the mergers whose global state the chain can rebuild exactly (linear, streaming)
-LINEAR_MERGERS = ("fedavg", "task-arithmetic")
-#: server optimizers without state across rounds (a client could not replay momentum it never saw)
-STATELESS_SERVER_OPTS = ("none", "sgd")
-#: codecs whose decoders sum with BLAS (rounding may differ between machines / thread counts)
-INEXACT_CODECS = ("gaussian", "rademacher")
+# Which runs can use a compact downlink is asked of the methods themselves (a merger's
+# ``linear``, a server optimizer's ``stateless``, a codec's ``replayable``): see
+# fedtune.parts.validate.
 
 
 class DownlinkError(ValueError):
@@ -88,22 +85,29 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> bytes:
 def apply_step(
     state: Mapping[str, torch.Tensor], step: Step, *, codec: Any, merger: Any, server_opt: Any
 ) -> Tensors:
-    """The state after ``step``: decode, clip-scale, merge and apply, exactly as the server did.
+    """The state after ``step``: decode, clip-scale, merge and apply, exactly as the server did
+    (:func:`fedtune.round.apply_updates`, the same function the server's round calls).
 
-    ``server_opt`` must be stateless (``none`` / ``sgd``); the server's ``aggregate`` call had
-    ``clip`` set, which here is replaced by the factors the server sent (the norm behind them
-    is a float reduction whose rounding may depend on the thread count, the factor is not).
+    ``server_opt`` must be stateless (``none`` / ``sgd``); the clip factors are the ones the
+    server sent (the norm behind them is a float reduction whose rounding may depend on the
+    thread count, the factor is not).
     """
     if not step.updates:
         return dict(state)
-    deltas = []
-    for u in step.updates:
-        d = codec.decode(u.payload, like=state, key=u.key, round=step.round, slot=u.slot)
-        # the same arithmetic as NormClip.__call__ (a float32 tensor times a Python float)
-        deltas.append(d if u.clip == 1.0 else {k: t * u.clip for k, t in d.items()})
-    weights = [u.weight for u in step.updates]
-    merged = merging.aggregate(merger, deltas, weights, clip=None, key=step.merge_key)
-    return server_opt.step(state, merged)
+    deltas = [
+        codec.decode(u.payload, like=state, key=u.key, round=step.round, slot=u.slot)
+        for u in step.updates
+    ]
+    new_state, _ = apply_updates(
+        state,
+        deltas,
+        [u.weight for u in step.updates],
+        [u.clip for u in step.updates],
+        merger=merger,
+        server_opt=server_opt,
+        key=step.merge_key,
+    )
+    return new_state
 
 
 def rebuild(

@@ -29,7 +29,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ConfigError, defaults_from_pyproject, load_toml, parse
+from fedtune.config import Config, ConfigError, defaults_from_pyproject, load_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,6 +151,18 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def node_overrides(overrides: dict[str, Any], cfg: Config, n_nodes: int) -> dict[str, Any]:
+    """Node counts that fit ``n_nodes`` clients unless the user set them (also used by
+    ``fedtune.simulate``, so both sample the same clients)."""
+    if "min-available-nodes" in overrides:
+        return {}
+    avail = min(n_nodes, cfg.min_available_nodes) if n_nodes else 1
+    out: dict[str, Any] = {"min-available-nodes": avail}
+    if "min-train-nodes" not in overrides:
+        out["min-train-nodes"] = min(cfg.min_train_nodes, avail)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -183,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.run_config)
         merged = {**defaults_from_pyproject(Path(args.app) / "pyproject.toml"), **overrides}
-        cfg = parse(merged)
+        from fedtune import parts, pipeline
+
+        cfg = parts.load_config(merged, app_dir=args.app)
         # preflight: data and model problems surface here, as one line, before Flower starts
-        from fedtune import pipeline
 
         fed = pipeline.federation(cfg)
         pipeline.workbench(cfg, fed)
@@ -207,11 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides.update({"output-dir": str(out_dir), "run-name": run_name})
     if cfg.resume:
         overrides["resume"] = str(Path(cfg.resume).resolve())
-    if "min-available-nodes" not in overrides:
-        overrides["min-available-nodes"] = min(n_nodes, cfg.min_available_nodes) if n_nodes else 1
-        overrides.setdefault(
-            "min-train-nodes", min(cfg.min_train_nodes, overrides["min-available-nodes"])
-        )
+    overrides.update(node_overrides(overrides, cfg, n_nodes))
     flwr_home = Path(args.flwr_home or ROOT / ".flwr-home" / run_name).resolve()
     write_federation(flwr_home, n_nodes, args.num_cpus)
     override_file = flwr_home / f"run-config-{run_name}.toml"

@@ -14,17 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune import adapters, codecs, rng
+from fedtune import adapters, codecs, parts, rng
 from fedtune.config import Config
 from fedtune.data import Federation, build_federation
 from fedtune.evaluate import evaluate_classifier, evaluate_lm
 from fedtune.models import load_model, resolve_device
-from fedtune.train import collate_for, eval_batches, shuffled_batches, train_local
+from fedtune.round import ServerRound
+from fedtune.train import collate_for, eval_batches, shuffled_batches
+from fedtune.trainers import LocalJob, LocalSpec
 
 Tensors = dict[str, torch.Tensor]
 
 # fixed stream tags so different uses of the run seed never share a key
-_ADAPTER_INIT, _CLIENT_DATA, _ATTACK = 0xADA, 0xDA7A, 0xBAD
+_ADAPTER_INIT, _CLIENT_DATA = 0xADA, 0xDA7A
 
 
 def adapter_key(cfg: Config) -> int:
@@ -32,62 +34,19 @@ def adapter_key(cfg: Config) -> int:
     return rng.derive_key(cfg.seed, _ADAPTER_INIT)
 
 
-def build_adapter(cfg: Config) -> Any:
-    """The configured adapter method with its options from ``cfg``."""
-    if cfg.adapter == "lora":
-        return adapters.get(
-            "lora",
-            r=cfg.lora_r,
-            alpha=cfg.lora_alpha,
-            dropout=cfg.lora_dropout,
-            target_modules=cfg.targets,
-            task=cfg.task,
-            ffa=cfg.factor_mode == "ffa",
-        )
-    if cfg.adapter == "mos":
-        from fedtune.config import _MOS_SWITCHES
-
-        off = {_MOS_SWITCHES[x.strip()] for x in cfg.mos_disable.split(",") if x.strip()}
-        return adapters.get(
-            "mos",
-            r=cfg.mos_r,
-            e=cfg.mos_e,
-            p=cfg.mos_p,
-            l=cfg.mos_l,
-            alpha=cfg.lora_alpha,
-            dropout=cfg.lora_dropout,
-            target_modules=cfg.targets,
-            modules_to_save=["classifier"] if cfg.task == "classification" else None,
-            ffa=cfg.factor_mode == "ffa",
-            **{name: False for name in off},
-        )
-    raise ValueError(f"unknown adapter {cfg.adapter!r}; allowed: {', '.join(adapters.names())}")
-
-
-def build_codec(cfg: Config, *, salt: int = 0) -> Any:
-    """The configured codec; ``spsa`` takes the client's learning rate unless ``codec-lr`` is set.
-
-    ``salt`` (see :func:`layout_salt`) goes into the layout hash of every payload; whoever
-    encodes or decodes real payloads must pass it, only option validation may leave it 0.
-    """
-    opts = dict(cfg.codec_options)
-    if cfg.codec == "spsa":
-        opts.setdefault("lr", cfg.lr)
-    codec = codecs.get(cfg.codec, **opts)
-    codec.layout_salt = salt
-    return codec
-
-
 def layout_salt(cfg: Config) -> int:
-    """What the wire layout hash must cover beyond tensor names and shapes: for MoS the
-    digest of the pools' index lists (derived from the run seed), so a client and a server
-    that disagree about them (another seed, switch or shard setting) fail loudly instead of
-    merging shards that mean different things. 0 for LoRA."""
-    if cfg.adapter != "mos":
-        return 0
-    from fedtune.adapters.mos import mos_layout_digest
+    """What the wire layout hash must cover beyond tensor names and shapes, as the adapter
+    declares it (``adapter.layout_salt(model)``): for MoS the digest of the pools' index lists
+    (derived from the run seed), so a client and a server that disagree about them fail
+    loudly instead of merging shards that mean different things. 0 when the adapter has none."""
+    wb = workbench(cfg, federation(cfg))
+    salt = getattr(wb.adapter, "layout_salt", None)
+    return int(salt(wb.model)) if salt is not None else 0
 
-    return mos_layout_digest(workbench(cfg, federation(cfg)).model)
+
+def codec(cfg: Config) -> Any:
+    """The run's codec with the layout salt real payloads need (encode and decode)."""
+    return parts.codec(cfg, salt=layout_salt(cfg))
 
 
 @dataclass
@@ -104,7 +63,7 @@ class Workbench:
 @lru_cache(maxsize=2)
 def _workbench(cfg: Config, num_labels: int) -> Workbench:
     base, tok = load_model(cfg.model, cfg.task, num_labels)
-    adapter = build_adapter(cfg)
+    adapter = parts.adapter(cfg)
     model = adapter.attach(base, adapter_key(cfg))
     device = resolve_device(cfg.device)
     model.to(device)
@@ -120,6 +79,17 @@ def federation(cfg: Config) -> Federation:
     return build_federation(cfg)
 
 
+def local_spec(cfg: Config) -> LocalSpec:
+    return LocalSpec(
+        steps=cfg.local_steps,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        batch_size=cfg.batch_size,
+        zo_eps=cfg.zo_eps,
+    )
+
+
 def client_round(
     cfg: Config,
     partition_id: int,
@@ -133,12 +103,12 @@ def client_round(
 ) -> tuple[bytes, dict[str, float]]:
     """Train locally from ``global_state`` and return (encoded update, metrics).
 
-    First-order AdamW steps, then the configured codec encodes Δ = θ_local − θ_global
-    (Ferret: local steps, then a seeded projection); with ``codec='spsa'`` the local steps
-    are zeroth-order (MeZO) and the payload is one scalar per step. ``error_feedback``
-    (client-side memory) adds what earlier projections lost and keeps what this one loses.
-    ``residual`` (``factor-mode='exact'``, FedEx-LoRA) is added to the frozen base weights
-    before training, see :func:`apply_residual`.
+    The configured trainer (:mod:`fedtune.trainers`, chosen by ``trainer``) trains; the codec
+    encodes its update (Ferret: local steps, then a seeded projection; zeroth-order: one
+    scalar per step). ``error_feedback`` (client-side memory) adds what earlier projections
+    lost and keeps what this one loses. ``residual`` (``factor-mode='exact'``, FedEx-LoRA) is
+    added to the frozen base weights before training, see :func:`apply_residual`. The same
+    function serves the ClientApp and the in-process simulator.
     """
     fed = federation(cfg)
     wb = workbench(cfg, fed)
@@ -148,105 +118,21 @@ def client_round(
     data_key = rng.derive_key(cfg.seed, _CLIENT_DATA, server_round, partition_id)
     collate = collate_for(cfg.task, wb.tokenizer, cfg.max_length)
     batches = shuffled_batches(data, collate, cfg.batch_size, data_key)
-    codec = build_codec(cfg, salt=layout_salt(cfg))
-    if cfg.codec == "spsa":
-        return _zo_round(cfg, wb, codec, batches, global_state, key, server_round, slot, len(data))
-    result = train_local(
-        wb.model,
-        batches,
-        steps=cfg.local_steps,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-        device=wb.device,
-        dropout_key=data_key,
-    )
-    new_state = adapters.trainable_state(wb.model)
-    delta = {k: new_state[k] - global_state[k] for k in global_state}
-    if cfg.attack != "none" and partition_id in attackers(cfg, len(fed.clients)):
-        delta = corrupt(delta, cfg.attack, cfg.attack_scale, key)
-    if error_feedback is not None:
-        delta = error_feedback.apply(delta)
-    payload = codec.encode(delta, key, round=server_round, slot=slot)
-    if error_feedback is not None:
-        sent = codec.decode(payload, like=global_state, key=key, round=server_round, slot=slot)
-        error_feedback.update(delta, sent)
-    metrics = {
-        "train-loss": result.loss,
-        "num-examples": float(result.num_examples),
-        "local-steps": float(result.steps),
+    enc = codec(cfg)
+    train = parts.trainer(cfg, partition_id, len(fed.clients))
+    job = LocalJob(wb.model, batches, global_state, local_spec(cfg), wb.device, key, data_key, enc)
+    result = train(job)
+    update = result.update
+    if error_feedback is not None and isinstance(update, dict):
+        update = error_feedback.apply(update)
+    payload = enc.encode(update, key, round=server_round, slot=slot)
+    if error_feedback is not None and isinstance(update, dict):
+        sent = enc.decode(payload, like=global_state, key=key, round=server_round, slot=slot)
+        error_feedback.update(update, sent)
+    return payload, {
+        **result.metrics,
         "payload-bytes": float(len(payload)),
         "client-examples": float(len(data)),
-    }
-    return payload, metrics
-
-
-def attackers(cfg: Config, num_clients: int) -> set[int]:
-    """Partition ids of the simulated malicious clients: a keyed, fixed ``attack-fraction``."""
-    k = round(cfg.attack_fraction * num_clients)
-    if k == 0:
-        return set()
-    return set(rng.choice(rng.derive_key(cfg.seed, _ATTACK), 0, num_clients, k).tolist())
-
-
-def corrupt(delta: Tensors, how: str, scale: float, key: int) -> Tensors:
-    """A malicious update: sign-flipped and scaled, scaled, or replaced by keyed noise of
-    ``scale`` times the honest norm (Fang et al. 2020 / Blanchard et al. 2017 threat models)."""
-    if how == "sign-flip":
-        return {k: -scale * v for k, v in delta.items()}
-    if how == "scale":
-        return {k: scale * v for k, v in delta.items()}
-    if how == "noise":
-        norm = sum(float(v.pow(2).sum()) for v in delta.values()) ** 0.5
-        out = {
-            k: rng.normal(key, i, v.numel()).view_as(v) for i, (k, v) in enumerate(delta.items())
-        }
-        nn_ = sum(float(v.pow(2).sum()) for v in out.values()) ** 0.5 or 1.0
-        return {k: v * (scale * norm / nn_) for k, v in out.items()}
-    raise ValueError(f"unknown attack {how!r}")
-
-
-def _zo_round(
-    cfg: Config,
-    wb: Workbench,
-    codec: Any,
-    batches: Any,
-    global_state: Tensors,
-    key: int,
-    server_round: int,
-    slot: int,
-    n_data: int,
-) -> tuple[bytes, dict[str, float]]:
-    """MeZO local steps (Malladi et al. 2023, Alg. 1): the model is only evaluated, never
-    back-propagated; directions regenerate from ``key`` so the server can replay them."""
-    from fedtune.codecs import ZOUpdate
-    from fedtune.train import to_device
-    from fedtune.zo import zo_train
-
-    params = {n: p for n, p in wb.model.named_parameters() if p.requires_grad}
-    wb.model.eval()  # both loss evaluations of a step must see the same function (no dropout)
-
-    def loss_fn(batch: Any) -> float:
-        return float(wb.model(**to_device(batch, wb.device)).loss)
-
-    with torch.no_grad():
-        scalars, losses = zo_train(
-            params,
-            loss_fn,
-            batches,
-            steps=cfg.local_steps,
-            lr=codec.lr,
-            eps=cfg.zo_eps,
-            key=key,
-            scalar_bits=codec.coef_bits,
-        )
-    payload = codec.encode(ZOUpdate(scalars, like=global_state), key, round=server_round, slot=slot)
-    return payload, {
-        "train-loss": sum(losses) / max(len(losses), 1),
-        "num-examples": float(cfg.local_steps * cfg.batch_size),
-        "local-steps": float(cfg.local_steps),
-        "payload-bytes": float(len(payload)),
-        "client-examples": float(n_data),
     }
 
 
@@ -320,3 +206,14 @@ def generate(
     return list(
         zip(prompts, generate_samples(wb.model, wb.tokenizer, prompts, max_new_tokens), strict=True)
     )
+
+
+def server_round(cfg: Config) -> ServerRound:
+    """The run's server round; in ``factor-mode='exact'`` with the FedEx-LoRA residual of the
+    adapted layers of this process's model."""
+    ex = None
+    if cfg.factor_mode == "exact":
+        from fedtune.adapters import exact
+
+        ex = exact.ExactResidual(exact.exact_layers(workbench(cfg, federation(cfg)).model))
+    return parts.server_round(cfg, exact=ex)

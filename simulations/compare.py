@@ -58,7 +58,7 @@ def trainable_parameters(run_dir: Path) -> int | None:
     from fedtune import pipeline
     from fedtune.config import parse
 
-    cfg = parse(json.loads(cfg_path.read_text()), validate_methods=False)
+    cfg = parse(json.loads(cfg_path.read_text()))
     state = pipeline.workbench(cfg, pipeline.federation(cfg)).initial
     return sum(t.numel() for t in state.values())
 

@@ -55,3 +55,38 @@ def held_out_metrics(model, cfg) -> dict[str, float]:
     tok = pipeline.workbench(cfg, fed).tokenizer
     batches = eval_batches(fed.test, collate_for("classification", tok, cfg.max_length), 16)
     return evaluate_classifier(model, batches, torch.device("cpu"))
+
+
+def make_strategy(
+    *,
+    codec,
+    merger,
+    server_opt,
+    spec,
+    run_seed,
+    min_valid=1,
+    clip=None,
+    direction_filter=None,
+    exact=None,
+    **strategy_kw,
+):
+    """A FedTuneStrategy around a ServerRound with the given parts (screens built the way
+    fedtune.parts builds them from a config: clip-reject first, then the direction filter)."""
+    from fedtune.fl.strategy import FedTuneStrategy
+    from fedtune.round import ClipReject, DirectionFilter, ServerRound
+
+    screens = []
+    if clip is not None and clip.reject:
+        screens.append(ClipReject(clip))
+    if direction_filter is not None:
+        screens.append(DirectionFilter(direction_filter))
+    sr = ServerRound(
+        merger=merger,
+        server_opt=server_opt,
+        run_seed=run_seed,
+        clip=clip,
+        screens=screens,
+        exact=exact,
+        min_valid=min_valid,
+    )
+    return FedTuneStrategy(codec=codec, server_round=sr, spec=spec, run_seed=run_seed, **strategy_kw)

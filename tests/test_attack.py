@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedtune import pipeline
+from fedtune import attacks, parts, pipeline
 from fedtune.config import parse
 
 
@@ -25,32 +25,32 @@ def _norm(d: dict[str, torch.Tensor]) -> float:
 )
 def test_attackers_are_a_keyed_fixed_subset(fraction: float, n: int, k: int) -> None:
     cfg = parse({"attack": "sign-flip", "attack-fraction": fraction})
-    got = pipeline.attackers(cfg, n)
+    got = parts.attackers(cfg, n)
     assert len(got) == k and got <= set(range(n))
-    assert pipeline.attackers(cfg, n) == got  # a function of the config alone: fixed for the run
+    assert parts.attackers(cfg, n) == got  # a function of the config alone: fixed for the run
     if 0 < k < n:  # another seed draws another subset (for some seed)
         others = {
-            frozenset(pipeline.attackers(parse({**cfg.to_flat(), "seed": s}), n)) for s in range(8)
+            frozenset(parts.attackers(parse({**cfg.to_flat(), "seed": s}), n)) for s in range(8)
         }
         assert len(others) > 1
 
 
 def test_sign_flip_and_scale_are_exact_multiples() -> None:
     d = _delta()
-    flipped = pipeline.corrupt(d, "sign-flip", 100.0, key=1)
-    scaled = pipeline.corrupt(d, "scale", 100.0, key=1)
+    flipped = attacks.corrupt(d, "sign-flip", 100.0, key=1)
+    scaled = attacks.corrupt(d, "scale", 100.0, key=1)
     for k in d:
         assert torch.equal(flipped[k], -100.0 * d[k])
         assert torch.equal(scaled[k], 100.0 * d[k])
-    honest = pipeline.corrupt(d, "sign-flip", 1.0, key=1)  # the honest-size flip
+    honest = attacks.corrupt(d, "sign-flip", 1.0, key=1)  # the honest-size flip
     assert all(torch.equal(honest[k], -d[k]) for k in d)
 
 
 def test_noise_attack_is_keyed_and_has_scale_times_the_honest_norm() -> None:
     d = _delta()
-    a = pipeline.corrupt(d, "noise", 10.0, key=5)
+    a = attacks.corrupt(d, "noise", 10.0, key=5)
     assert math.isclose(_norm(a), 10.0 * _norm(d), rel_tol=1e-5)
-    assert all(torch.equal(a[k], pipeline.corrupt(d, "noise", 10.0, key=5)[k]) for k in d)
-    assert not torch.equal(a["a"], pipeline.corrupt(d, "noise", 10.0, key=6)["a"])
+    assert all(torch.equal(a[k], attacks.corrupt(d, "noise", 10.0, key=5)[k]) for k in d)
+    assert not torch.equal(a["a"], attacks.corrupt(d, "noise", 10.0, key=6)["a"])
     with pytest.raises(ValueError, match="unknown attack"):
-        pipeline.corrupt(d, "swap", 1.0, key=5)
+        attacks.corrupt(d, "swap", 1.0, key=5)

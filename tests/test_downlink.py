@@ -14,7 +14,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedtune import merging, pipeline, rng
+from fedtune import merging, parts, pipeline, rng
 from fedtune.config import ConfigError, parse
 from fedtune.downlink import (
     Chain,
@@ -28,7 +28,8 @@ from fedtune.downlink import (
 )
 from fedtune.fl import downlink as fl_downlink
 from fedtune.fl.records import key_from_config, payload_to_record, record_to_state, state_to_record
-from fedtune.fl.strategy import FedTuneStrategy
+
+from tests.helpers import make_strategy
 from tests.helpers import identity_replies
 
 NODES = [11, 22, 33, 44]  # slots 0..3 (partition id = rank)
@@ -77,12 +78,12 @@ def _reply(node: int, payload: bytes | None, n: int = 10, error: str = ""):
 def _cfg(**kw):
     base = {"codec": "srht", "codec-k": 96, "downlink": "auto", "min-train-nodes": 1}
     base.update(kw)
-    return parse(base, validate_methods=False)
+    return parse(base)
 
 
 def _strategy(cfg, client_initial=False, clip=None):
-    return FedTuneStrategy(
-        codec=pipeline.build_codec(cfg),
+    return make_strategy(
+        codec=parts.codec(cfg),
         merger=merging.get(cfg.merger, **dict(cfg.merger_options)),
         server_opt=merging.get_server_opt(cfg.server_opt, **dict(cfg.server_opt_options)),
         spec=_spec(),
@@ -111,7 +112,7 @@ def _run(cfg, schedule, *, client_initial=False, clip=None, tamper=None, scale=0
     ``tamper(round, node, context)`` may corrupt a client's stored state before it receives.
     """
     s = _strategy(cfg, client_initial, clip)
-    codec = pipeline.build_codec(cfg)
+    codec = parts.codec(cfg)
     contexts = {n: SimpleNamespace(state=RecordDict()) for n in NODES}
     arrays = state_to_record(_spec())
     tick = {"round": 1}
@@ -298,7 +299,7 @@ def test_history_prunes_rounds_no_cheaper_chain_can_use():
 )
 def test_config_rejects_what_a_client_cannot_rebuild(extra, key, why):
     with pytest.raises(ConfigError) as e:
-        parse({"downlink": "payloads", **extra}, validate_methods=False)
+        parse({"downlink": "payloads", **extra})
     msg = str(e.value)
     assert f"'{key}'" in msg and why in msg and "\n" not in msg
 

@@ -29,6 +29,7 @@ from fedtune.fl.records import (
     train_residual,
 )
 from fedtune.fl.strategy import FedTuneStrategy
+from tests.helpers import make_strategy
 from tests.helpers import held_out_metrics, identity_replies
 
 KEY = rng.derive_key(2024, 6)  # issue #6
@@ -119,7 +120,7 @@ def _delta(spec: dict, rnd: int, node: int) -> dict:
 
 
 def _strategy(spec: dict, ex: exact.ExactResidual | None) -> FedTuneStrategy:
-    return FedTuneStrategy(
+    return make_strategy(
         codec=codecs.get("dense"),
         merger=merging.get("fedavg"),
         server_opt=merging.get_server_opt("none"),
@@ -202,8 +203,8 @@ def test_exact_global_model_is_the_weighted_average_of_the_client_models(kind):
 
 
 def ex_floats(s: FedTuneStrategy) -> int:
-    assert s.exact is not None
-    return int(s.exact.downlink_floats())
+    assert s.round.exact is not None
+    return int(s.round.exact.downlink_floats())
 
 
 @pytest.mark.parametrize("kind", ["lora", "mos"])
@@ -245,7 +246,7 @@ def test_clipping_is_applied_once_and_the_result_stays_exact():
     state = adapters.trainable_state(model)
     ex = exact.ExactResidual(exact.exact_layers(model))
     s = _strategy(state, ex)
-    s.clip = merging.NormClip(max_norm=0.5)
+    s.round.clip = merging.NormClip(max_norm=0.5)
     list(s.configure_train(1, state_to_record(state), ConfigRecord({}), _grid()))
     deltas = {n: _delta(state, 1, n) for n in NODES}
     replies = [
@@ -256,7 +257,7 @@ def test_clipping_is_applied_once_and_the_result_stays_exact():
     ]
     arrays, _ = s.aggregate_train(1, replies)
     new_state = record_to_state(arrays)
-    clients = {n: {k: state[k] + v for k, v in s.clip(deltas[n]).items()} for n in NODES}
+    clients = {n: {k: state[k] + v for k, v in s.round.clip(deltas[n]).items()} for n in NODES}
     total = sum(WEIGHTS.values())
     avg = sum(WEIGHTS[n] / total * _output(model, clients[n], None) for n in NODES)
     torch.testing.assert_close(_output(model, new_state, ex.residual), avg, atol=1e-5, rtol=1e-5)
@@ -276,7 +277,7 @@ def test_clipping_is_applied_once_and_the_result_stays_exact():
 )
 def test_exact_rejects_nonlinear_mergers_and_server_optimizers(extra, words):
     with pytest.raises(ConfigError) as e:
-        parse({"factor-mode": "exact", **extra}, validate_methods=False)
+        parse({"factor-mode": "exact", **extra})
     msg = str(e.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(**kv):
-    return parse({k.replace("_", "-"): v for k, v in kv.items()}, validate_methods=False)
+    return parse({k.replace("_", "-"): v for k, v in kv.items()})
 
 
 def test_only_the_chosen_clients_and_rounds_fail():
@@ -53,7 +53,7 @@ def test_hang_blocks_for_fault_seconds_then_returns(capsys):
 def test_exit_ends_the_process_without_a_reply():
     code = (
         "from fedtune import faults; from fedtune.config import parse;"
-        "faults.inject(parse({'fault': 'exit', 'fault-clients': '2'}, validate_methods=False), 2, 1);"
+        "faults.inject(parse({'fault': 'exit', 'fault-clients': '2'}), 2, 1);"
         "print('still here')"
     )
     proc = subprocess.run(
@@ -65,9 +65,9 @@ def test_exit_ends_the_process_without_a_reply():
 @pytest.mark.parametrize("key", ["fault-clients", "fault-rounds"])
 def test_bad_fault_lists_fail_when_the_config_is_parsed(key):
     with pytest.raises(ConfigError, match=f"'{key}'.*comma list of integers"):
-        parse({key: "0,x"}, validate_methods=False)
+        parse({key: "0,x"})
     with pytest.raises(ConfigError, match="'fault'"):
-        parse({"fault": "crash"}, validate_methods=False)
+        parse({"fault": "crash"})
 
 
 def test_the_strategy_waits_at_most_round_timeout_and_names_the_silent_nodes(caplog):
@@ -268,7 +268,7 @@ def test_boosted_attackers_are_dropped_by_clip_reject_in_a_real_run(tiny_run_con
         "clip-mode": "median",
         "clip-reject": 10.0,
     }
-    (bad,) = pipeline.attackers(parse(cfg), 5)
+    (bad,) = parts.attackers(parse(cfg), 5)
     rc, out, _, rows = _simulate(cfg, tmp_path, "reject")
     assert rc == 0, out[-4000:]
     assert [r["round"] for r in rows] == [0, 1, 2]

@@ -544,7 +544,7 @@ def test_model_validation() -> None:
 def test_wire_layout_hash_covers_mos_index_lists(tiny_run_config: dict) -> None:
     """A MoS payload built for other index lists (another seed) is rejected by the wire check,
     although every tensor name and shape agrees (issue 3: lists covered by the layout hash)."""
-    from fedtune import codecs, pipeline
+    from fedtune import codecs, parts, pipeline
     from fedtune.config import defaults_from_pyproject, parse
 
     base = {
@@ -561,8 +561,8 @@ def test_wire_layout_hash_covers_mos_index_lists(tiny_run_config: dict) -> None:
     assert pipeline.layout_salt(parse({**base, "adapter": "lora"})) == 0
     state = pipeline.workbench(cfg0, pipeline.federation(cfg0)).initial
     delta = {k: torch.ones_like(v) for k, v in state.items()}
-    payload = pipeline.build_codec(cfg0, salt=salt0).encode(delta, 5, round=1, slot=0)
-    ok = pipeline.build_codec(cfg0, salt=salt0).decode(payload, like=state, key=5, round=1, slot=0)
+    payload = parts.codec(cfg0, salt=salt0).encode(delta, 5, round=1, slot=0)
+    ok = parts.codec(cfg0, salt=salt0).decode(payload, like=state, key=5, round=1, slot=0)
     assert set(ok) == set(state)
     with pytest.raises(codecs.PayloadError, match="MoS index lists"):
-        pipeline.build_codec(cfg1, salt=salt1).decode(payload, like=state, key=5, round=1, slot=0)
+        parts.codec(cfg1, salt=salt1).decode(payload, like=state, key=5, round=1, slot=0)

@@ -11,7 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune import codecs, merging
 from fedtune.fl.records import key_from_config, payload_to_record, record_to_state, state_to_record
-from fedtune.fl.strategy import FedTuneStrategy
+
+from tests.helpers import make_strategy
 
 NODES = [303, 101, 202]
 
@@ -46,7 +47,7 @@ def _grid(nodes=NODES, partition=None):
 
 def _strategy(codec="dense", merger="fedavg", server_opt="none", **kw):
     spec = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
-    return FedTuneStrategy(
+    return make_strategy(
         codec=codecs.get(codec),
         merger=merging.get(merger),
         server_opt=merging.get_server_opt(server_opt),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -43,6 +43,22 @@ class LoRA:
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
         if not self.target_modules:
             raise ValueError("LoRA needs at least one target module")
+
+    @classmethod
+    def from_config(cls, cfg: Any, **options: Any) -> LoRA:
+        """From the run config's named keys (``lora-r``, ``lora-alpha``, ``lora-dropout``,
+        ``target-modules``, ``task``, ``factor-mode='ffa'``); ``adapter-*`` options win."""
+        return cls(
+            **{
+                "r": cfg.lora_r,
+                "alpha": cfg.lora_alpha,
+                "dropout": cfg.lora_dropout,
+                "target_modules": cfg.targets,
+                "task": cfg.task,
+                "ffa": cfg.factor_mode == "ffa",
+                **options,
+            }
+        )
 
     def attach(self, model: nn.Module, key: int) -> nn.Module:
         """Wrap ``model`` with PEFT LoRA, initialised from ``key``; base weights frozen."""

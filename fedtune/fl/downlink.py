@@ -15,7 +15,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from fedtune.config import Config
-from fedtune.downlink import Chain, DownlinkError, pack_chain, rebuild, unpack_chain
+from fedtune.downlink import (
+    Chain,
+    DownlinkError,
+    History,
+    Step,
+    pack_chain,
+    rebuild,
+    unpack_chain,
+)
 from fedtune.fl.records import (
     RecordError,
     config_int,
@@ -72,7 +80,7 @@ def receive(
     then an error and the server sends this client the dense state next time). With
     ``cfg.downlink != "dense"`` the state is stored in ``context.state`` for the next round.
     """
-    from fedtune import merging, pipeline
+    from fedtune import parts, pipeline
 
     content = msg.content
     if DOWNLINK not in content.array_records:
@@ -93,11 +101,51 @@ def receive(
             base,
             chain.steps,
             chain.digest,
-            codec=pipeline.build_codec(cfg, salt=pipeline.layout_salt(cfg)),
-            merger=merging.get(cfg.merger, **dict(cfg.merger_options)),
-            server_opt=merging.get_server_opt(cfg.server_opt, **dict(cfg.server_opt_options)),
+            codec=pipeline.codec(cfg),
+            merger=parts.merger(cfg),
+            server_opt=parts.server_opt(cfg),
         )
     if cfg.downlink != "dense":
         context.state[_STATE] = state_to_record(state)
         context.state[_META] = ConfigRecord({"version": config_int(config, "server-round") - 1})
     return state, config
+
+
+class Sender:
+    """Server side of the compact downlink: what each train message carries, and what each
+    slot holds after the round (its reply, or its silence, says so)."""
+
+    def __init__(self, mode: str, *, client_initial: bool = False) -> None:
+        self.history = History(mode, client_initial=client_initial)
+        self.dense_bytes = 0  # bytes of the dense adapter record (auto mode prunes with it)
+
+    @property
+    def mode(self) -> str:
+        return self.history.mode
+
+    def state_record(
+        self, slot: int, version: int, arrays: ArrayRecord, digest: bytes
+    ) -> tuple[dict[str, ArrayRecord], int]:
+        """The global-state part of a train message and its bytes: the dense adapter, or with
+        ``downlink='payloads'`` / ``'auto'`` the chain of rounds the slot has not seen."""
+        found = self.history.chain(slot, version)
+        if found is not None:
+            base, steps = found
+            rec = chain_to_record(Chain(base, version, digest, tuple(steps)))
+            n = rec.count_bytes()
+            if self.mode == "payloads" or n < self.dense_bytes:
+                return {DOWNLINK: rec}, n
+        return {"arrays": arrays}, self.dense_bytes
+
+    def track(self, slot: int, ok: bool, server_round: int) -> None:
+        """A reply without error means the client stored version ``server_round - 1``; an
+        error (a failed rebuild among them) or no reply means it gets the dense adapter next."""
+        if ok:
+            self.history.delivered(slot, server_round - 1)
+        else:
+            self.history.failed(slot)
+
+    def record(self, step: Step) -> None:
+        """Remember what a round applied, so clients can replay it."""
+        self.history.record(step)
+        self.history.prune(self.dense_bytes)

@@ -100,3 +100,14 @@ def train_residual(msg: Message) -> dict[str, torch.Tensor] | None:
     if RESIDUAL not in msg.content.array_records:
         return None
     return record_to_state(msg.content.array_records[RESIDUAL])
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """What ``state`` costs on the wire as an ArrayRecord (the simulator's accounting uses
+    this, so its byte counts equal a Flower run's)."""
+    return state_to_record(state).count_bytes()
+
+
+def payload_bytes(payload: bytes) -> int:
+    """What one encoded update costs on the wire as a reply's ArrayRecord."""
+    return payload_to_record(payload).count_bytes()

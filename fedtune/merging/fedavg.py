@@ -17,6 +17,11 @@ from .sparsify import chunk_size
 class FedAvg(StreamingMerger):
     """``Σ_i w_i τ_i / Σ_i w_i``; state: one running weighted sum (d floats)."""
 
+    #: a fixed linear combination of the deltas: clients can replay the round from payloads
+    linear = True
+    #: exactly the weighted mean, as FedEx-LoRA's exact mode needs
+    weighted_mean = True
+
     def __init__(self) -> None:
         super().__init__()
         self._sum: Tensor | None = None

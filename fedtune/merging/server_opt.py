@@ -44,6 +44,12 @@ class ServerOpt(abc.ABC):
     #: Names of the per-tensor buffers this optimizer keeps (subset of {"m", "v"}).
     buffers: tuple[str, ...] = ()
 
+    @property
+    def stateless(self) -> bool:
+        """No state carried across rounds: a client can replay a step it did not see (the
+        compact downlink), and exact mode's residual is not undone by momentum."""
+        return not self.buffers
+
     def __init__(self) -> None:
         self.step_count = 0
         self.state: dict[str, dict[str, Tensor]] = {b: {} for b in self.buffers}

@@ -1,0 +1,293 @@
+"""The ONE server round: decoded client updates + global state -> next global state.
+
+::
+
+    updates (slot order) ─▶ screens (clip-reject, direction filter: drop, with a reason)
+                         ─▶ clip factors f_i = min(1, C_t / ‖Δ_i‖)   (fixed C or x the median)
+                         ─▶ merge(f_i Δ_i, w_i; key_t)              (fedtune.merging)
+                         ─▶ θ_{t+1} = server_opt(θ_t, merged)
+                         ─▶ exact mode: residual += Σ w B_k A_k − B̄ Ā (FedEx-LoRA)
+
+The Flower strategy (:mod:`fedtune.fl.strategy`), the client's replay of a round from
+payloads (:mod:`fedtune.downlink`) and the in-process simulator (:mod:`fedtune.simulate`) all
+call this module; none of them re-implements a step. Who takes part and with which key
+(:func:`client_key`, :func:`sample`) lives here too, so every entry point samples the same
+clients and issues the same keys. Nothing here imports Flower.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from fedtune import merging, rng
+
+Tensors = dict[str, torch.Tensor]
+
+_MERGE_TAG = 0x3E26E  # separates the merger's round key from the clients' keys
+_SAMPLE_TAG = 0x5A3B1E  # and the sampling key
+
+
+# --------------------------------------------------------------------------- who takes part
+def client_key(run_seed: int, server_round: int, slot: int) -> int:
+    """The key the server issues to client ``slot`` in ``server_round``: ``H(S, t, j)``."""
+    return rng.derive_key(run_seed, server_round, slot)
+
+
+def merge_key(run_seed: int, server_round: int) -> int:
+    """The round key of randomized mergers (DARE's masks)."""
+    return rng.derive_key(run_seed, server_round, _MERGE_TAG)
+
+
+def sample(run_seed: int, server_round: int, n: int, fraction: float, min_nodes: int) -> list[int]:
+    """Indices (into the slot-sorted list of ``n`` connected clients) trained this round:
+    ``max(⌊n·fraction⌋, min_nodes)`` of them, keyed and reproducible, in slot order."""
+    k = min(n, max(int(n * fraction), min_nodes))
+    if k >= n:
+        return list(range(n))
+    pick = rng.choice(rng.derive_key(run_seed, server_round, _SAMPLE_TAG), 0, n, k)
+    return sorted(pick.tolist())
+
+
+# --------------------------------------------------------------------------- inputs / outputs
+@dataclass
+class Update:
+    """One decoded, validated client update."""
+
+    slot: int
+    delta: Tensors
+    weight: float  # merge weight (num-examples)
+    loss: float = math.nan  # the client's mean training loss
+    payload: bytes = b""  # what it sent (kept for the compact downlink)
+
+
+@dataclass
+class RoundResult:
+    """What one round did; ``state`` is the next global state (the input one if skipped)."""
+
+    round: int
+    state: Tensors
+    applied: list[Update] = field(default_factory=list)  # after the screens, slot order
+    factors: list[float] = field(default_factory=list)  # the clip factor of each applied update
+    dropped: list[tuple[int, str]] = field(default_factory=list)  # (slot, reason)
+    skipped: bool = False
+    update_norm: float = 0.0
+    merge_key: int = 0
+    notes: list[str] = field(default_factory=list)  # lines worth logging (scores, residual)
+
+    @property
+    def num_examples(self) -> int:
+        return int(sum(u.weight for u in self.applied))
+
+    @property
+    def train_loss(self) -> float:
+        """Example-weighted mean of the applied clients' training losses (NaN if none)."""
+        finite = [(u.loss, u.weight) for u in self.applied if math.isfinite(u.loss)]
+        if not finite:
+            return math.nan
+        return sum(lo * w for lo, w in finite) / sum(w for _, w in finite)
+
+
+def decode(
+    codec: Any,
+    payload: bytes,
+    like: Mapping[str, torch.Tensor],
+    *,
+    key: int,
+    server_round: int,
+    slot: int,
+    max_norm: float = 0.0,
+) -> Tensors:
+    """Decode one payload with every wire check of the codec (version, layout hash, round,
+    slot, key, CRC) plus finiteness and an optional norm bound; ValueError says what is wrong."""
+    delta: Tensors = codec.decode(payload, like=like, key=key, round=server_round, slot=slot)
+    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
+    if not math.isfinite(norm):
+        raise ValueError("decoded update is not finite")
+    if max_norm > 0 and norm > max_norm:
+        raise ValueError(f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")
+    return delta
+
+
+# --------------------------------------------------------------------------- screens
+class Screen(Protocol):
+    """Drops updates before the merge: ``screen(deltas, slots)`` -> (index -> reason, notes)."""
+
+    def screen(
+        self, deltas: Sequence[Tensors], slots: Sequence[int]
+    ) -> tuple[dict[int, str], list[str]]: ...
+
+
+class ClipReject:
+    """Drop (not clip) updates whose norm is over ``clip-reject`` x the round's clip bound."""
+
+    def __init__(self, clip: merging.NormClip) -> None:
+        self.clip = clip
+
+    def screen(
+        self, deltas: Sequence[Tensors], slots: Sequence[int]
+    ) -> tuple[dict[int, str], list[str]]:
+        r = self.clip.reject
+        out = {
+            i: f"norm {n:.4g} is {n / bound:.3g}x the round's clip bound {bound:.4g} "
+            f"(clip-reject {r:g})"
+            for i, n, bound in self.clip.oversized(deltas)
+        }
+        return out, []
+
+
+class DirectionFilter:
+    """Drop updates whose cosine with the others' median direction is an outlier below the
+    threshold (:class:`fedtune.merging.CosineFilter`); its memory is part of the round state."""
+
+    def __init__(self, inner: merging.CosineFilter) -> None:
+        self.inner = inner
+
+    def screen(
+        self, deltas: Sequence[Tensors], slots: Sequence[int]
+    ) -> tuple[dict[int, str], list[str]]:
+        scored = dict(self.inner.outliers(list(deltas), list(slots)))
+        notes = []
+        if self.inner.last_scores:  # every score, so a false drop can be traced
+            shown = ", ".join(
+                f"{s}: {x:.3f}" for s, x in zip(slots, self.inner.last_scores, strict=True)
+            )
+            notes.append(f"direction scores by slot: {shown}")
+        what = "mean cosine over its rounds" if self.inner.memory else "cosine"
+        out = {
+            i: f"direction filter: {what} {cos:.3f} with the other clients' median direction "
+            f"is below {self.inner.threshold:g} and an outlier this round"
+            for i, cos in scored.items()
+        }
+        return out, notes
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(dict(sd))
+
+
+# --------------------------------------------------------------------------- the round
+def clip_factors(clip: merging.NormClip | None, deltas: Sequence[Tensors]) -> list[float]:
+    """The scale the round applies to each delta: ``min(1, C_t/‖Δ_i‖)``, C_t this round's bound."""
+    if clip is None or not deltas:
+        return [1.0] * len(deltas)
+    bound = clip.for_round(deltas)
+    return [bound.factor(d) for d in deltas]
+
+
+def scaled(delta: Tensors, factor: float) -> Tensors:
+    """``factor · delta`` (a float32 tensor times a Python float, as NormClip does)."""
+    return dict(delta) if factor == 1.0 else {k: t * factor for k, t in delta.items()}
+
+
+def apply_updates(
+    state: Mapping[str, torch.Tensor],
+    deltas: Sequence[Tensors],
+    weights: Sequence[float],
+    factors: Sequence[float],
+    *,
+    merger: Any,
+    server_opt: Any,
+    key: int,
+) -> tuple[Tensors, Tensors]:
+    """(next state, merged delta): clip-scale, merge, server optimizer. The replay of a round
+    by a client (:func:`fedtune.downlink.apply_step`) is this function with the factors the
+    server sent."""
+    clipped = [scaled(d, f) for d, f in zip(deltas, factors, strict=True)]
+    merged = merging.aggregate(merger, clipped, list(weights), clip=None, key=key)
+    return server_opt.step(state, merged), merged
+
+
+class ServerRound:
+    """The server's round with its parts injected (built by :func:`fedtune.parts.server_round`)."""
+
+    def __init__(
+        self,
+        *,
+        merger: Any,
+        server_opt: Any,
+        run_seed: int,
+        clip: merging.NormClip | None = None,
+        screens: Sequence[Screen] = (),
+        exact: Any = None,
+        min_valid: int = 1,
+    ) -> None:
+        self.merger = merger
+        self.server_opt = server_opt
+        self.run_seed = run_seed
+        self.clip = clip
+        self.screens = list(screens)
+        # factor-mode='exact': a fedtune.adapters.exact.ExactResidual (FedEx-LoRA), else None
+        self.exact = exact
+        self.min_valid = min_valid
+
+    @property
+    def direction_filter(self) -> DirectionFilter | None:
+        return next((s for s in self.screens if isinstance(s, DirectionFilter)), None)
+
+    def __call__(
+        self, server_round: int, state: Mapping[str, torch.Tensor], updates: Sequence[Update]
+    ) -> RoundResult:
+        """Screens, clip, merge, server optimizer and (exact mode) the residual, in slot order
+        (arrival order varies between runs; the result must not)."""
+        kept = sorted(updates, key=lambda u: u.slot)
+        res = RoundResult(server_round, dict(state), merge_key=merge_key(self.run_seed, server_round))
+        for s in self.screens:
+            out, notes = s.screen([u.delta for u in kept], [u.slot for u in kept])
+            res.notes += notes
+            res.dropped += [(kept[i].slot, why) for i, why in sorted(out.items())]
+            kept = [u for i, u in enumerate(kept) if i not in out]
+        res.applied = kept
+        if len(kept) < self.min_valid:
+            res.skipped = True
+            res.notes.append(
+                f"only {len(kept)} valid replies (< {self.min_valid}): keeping the previous "
+                "global adapter"
+            )
+            return res
+        deltas = [u.delta for u in kept]
+        weights = [u.weight for u in kept]
+        res.factors = clip_factors(self.clip, deltas)
+        res.state, merged = apply_updates(
+            state,
+            deltas,
+            weights,
+            res.factors,
+            merger=self.merger,
+            server_opt=self.server_opt,
+            key=res.merge_key,
+        )
+        res.update_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in merged.values()))
+        if self.exact is not None:  # FedEx-LoRA: fold Σ w B_k A_k − B̄Ā into the base
+            clipped = [scaled(d, f) for d, f in zip(deltas, res.factors, strict=True)]
+            r_norm = self.exact.update(dict(state), clipped, weights, res.state)
+            res.notes.append(f"exact-mode residual increment norm {r_norm:.4g}")
+        return res
+
+    # ---------------------------------------------------------------- state across rounds
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must keep besides the adapter: optimizer, filter memory, residual."""
+        f = self.direction_filter
+        return {
+            "server_opt": self.server_opt.state_dict(),
+            "extra": {"direction-filter": f.state_dict()} if f is not None else {},
+            "residual": dict(self.exact.residual) if self.exact is not None else {},
+        }
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.server_opt.load_state_dict(sd.get("server_opt", {}))
+        f = self.direction_filter
+        if f is not None:
+            f.load_state_dict(sd.get("extra", {}).get("direction-filter", {}))
+        if self.exact is not None:
+            self.exact.load_state_dict(sd.get("residual", {}))
+
+    @property
+    def residual(self) -> Tensors | None:
+        return self.exact.residual if self.exact is not None else None
