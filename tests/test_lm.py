@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedtune import lm
+from fedtune import lm, lm_loader
 from fedtune.data.chat import IGNORE_INDEX, collate_chat, tokenize_chat
 from fedtune.lm import (
     ModelLoadError,
@@ -162,7 +162,7 @@ def test_cache_built_once_under_concurrency(
         (out / "model.safetensors").write_bytes(b"x" * 1000)
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(lm, "_export_smollm2", fake_export)
+    monkeypatch.setattr(lm_loader, "_export_smollm2", fake_export)
     results: list[Path] = []
 
     def worker() -> None:
@@ -193,8 +193,8 @@ def test_cache_rename_race_loser_cleans_up(monkeypatch: pytest.MonkeyPatch, tmp_
         final.mkdir(parents=True)  # the other process publishes first
         (final / "config.json").write_text('{"winner": 1}')
 
-    monkeypatch.setattr(lm, "_export_smollm2", export_while_other_wins)
-    monkeypatch.setattr(lm, "_lock", lambda path: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(lm_loader, "_export_smollm2", export_while_other_wins)
+    monkeypatch.setattr(lm_loader, "_lock", lambda path: __import__("contextlib").nullcontext())
     assert lm.ensure_smollm2_cache(tmp_path) == final
     assert (final / "config.json").read_text() == '{"winner": 1}'
     assert [p.name for p in tmp_path.iterdir()] == [final.name]

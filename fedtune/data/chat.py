@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from datasets import Dataset
 
-from fedtune.data.text import DataError, Federation, split_and_partition
+from fedtune.data.federation import DataError, Federation, split_and_partition
 from fedtune.registry import Registry
 
 IGNORE_INDEX = -100
@@ -448,7 +448,8 @@ def build_chat_federation(
 ) -> Federation:
     """Held-out test pairs + one training partition per client, for the causal-LM task.
 
-    Same recipe as the classification federation (keyed test split, flwr-datasets
+    Same recipe as the classification federation: both call
+    :func:`fedtune.data.federation.split_and_partition` (keyed test split, flwr-datasets
     partitioners). ``dirichlet`` splits over the natural client ids as if they were labels
     (a ``label`` column holding the client's index is added for the partitioner), so each
     partition gets a Dirichlet(alpha) mixture of topics / prompts.
