@@ -78,7 +78,7 @@ def test_consistency_checks():
     with pytest.raises(ConfigError, match="min-train-nodes"):
         parse({"min-train-nodes": 5, "min-available-nodes": 2})
     with pytest.raises(ConfigError, match="client-column"):
-        parse({"dataset": "file", "partitioning": "natural"}, validate_methods=False)
+        parse({"dataset": "file", "partitioning": "natural"})
 
 
 def test_flat_round_trip():
@@ -113,3 +113,34 @@ def test_resume_accepts_a_checkpoint_from_before_a_key_existed():
     check_compatible(saved, current)
     with pytest.raises(CheckpointError, match="robust-filter"):
         check_compatible(saved, {**current, "robust-filter": "cosine"})
+
+
+def test_generated_pyproject_block_and_doc_table_are_up_to_date():
+    """pyproject.toml's [tool.flwr.app.config] and the key table of docs/configuration.md are
+    generated from fedtune/config.py; regenerate them in memory and compare."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gen_config_doc.py"
+    spec = importlib.util.spec_from_file_location("gen_config_doc", path)
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    for target, render in (
+        (gen.PYPROJECT, gen.render_pyproject),
+        (gen.DOC, gen.render_doc),
+    ):
+        text = target.read_text()
+        assert render(text) == text, (
+            f"{target.name} is out of date with fedtune/config.py: "
+            "run `python scripts/gen_config_doc.py`"
+        )
+
+
+def test_every_key_has_help_and_ranges_say_what_they_allow():
+    import dataclasses
+
+    for f in dataclasses.fields(Config):
+        assert f.metadata.get("help", "").strip(), f"{f.name}: declare it with key(default, help)"
+        if f.metadata["lo"] is not None or f.metadata["hi"] is not None:
+            assert f.metadata["what"], f.name
