@@ -22,6 +22,16 @@ called without a key raises.
 
 Weights: finite, ``>= 0``, positive sum. Methods that cannot use weights (median,
 trimmed mean, Krum's selection, MagMax) say so in their docstring.
+
+Declarations (read by :mod:`fedtune.parts` with ``getattr(m, name, False)``, so a merger that
+does not derive from the bases here counts as neither):
+
+* ``linear`` (class attribute): the merge is a fixed linear combination of the deltas (with
+  coefficients from the weights only), so clients can replay the server's global state from
+  the payloads (compact downlink). Today: fedavg and task-arithmetic.
+* ``weighted_mean`` (class or instance attribute, may depend on the options): the merge IS
+  the weighted mean ``Σ w_i Δ_i / Σ w_i``, as FedEx-LoRA's exact mode needs. Today: fedavg,
+  and task-arithmetic with ``scale == 1`` and ``normalize=True``.
 """
 
 from __future__ import annotations
@@ -227,6 +237,10 @@ class StreamingMerger(abc.ABC):
     streaming: ClassVar[bool] = True
     #: Whether ``add`` needs a key (randomized methods).
     needs_key: ClassVar[bool] = False
+    #: A fixed linear combination of the deltas (see the module docstring).
+    linear: ClassVar[bool] = False
+    #: Exactly the weighted mean ``Σ w_i Δ_i / Σ w_i`` (see the module docstring).
+    weighted_mean: bool = False
 
     def __init__(self) -> None:
         self._layout: FlatLayout | None = None
@@ -306,6 +320,10 @@ class BatchMerger(abc.ABC):
 
     streaming: ClassVar[bool] = False
     needs_key: ClassVar[bool] = False
+    #: A fixed linear combination of the deltas (see the module docstring).
+    linear: ClassVar[bool] = False
+    #: Exactly the weighted mean ``Σ w_i Δ_i / Σ w_i`` (see the module docstring).
+    weighted_mean: bool = False
 
     def merge(
         self, deltas: Sequence[Delta], weights: Sequence[float], *, key: int | None = None

@@ -12,93 +12,63 @@ by ``1 − p``, so the delta is unbiased. Then
   DARE-TIES uses 0.2).
 
 Deviations: the Bernoulli draws come from :mod:`fedtune.rng` keyed per client (portable,
-chunking-independent); mergekit's ``dare_*`` rescale to match the L1 norm instead of
-dividing by ``1 − p`` (the paper's rule is used here). With ``density < 1`` one client's
-dropped delta is materialized (d floats) to find its magnitude threshold.
+chunking-independent; ``merge(..., key=k)`` gives client ``i`` ``client_key(k, i)``);
+mergekit's ``dare_*`` rescale to match the L1 norm instead of dividing by ``1 − p`` (the
+paper's rule is used here). With ``density < 1`` one client's dropped delta is materialized
+(d floats) to find its magnitude threshold.
+
+Steps (:mod:`.task_vectors`): ``RandomDrop(drop_rate)`` then ``Magnitude(density, scope)``
+(skipped at density 1); linear: weighted sum ``· λ / Σw``; ties: elect, scale. Streaming.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
 
-import torch
-from torch import Tensor
+from .base import check_choice, check_range, register
 
-from .base import Delta, FlatLayout, StreamingMerger, check_choice, check_range, register
-from .sparsify import SignedAccumulator, bernoulli_keep, chunk_size
-from .ties import thresholded_pieces
+# Unused here (task_vectors chunks); kept as tests/test_merging.py monkeypatches this name.
+from .sparsify import chunk_size  # noqa: F401
+from .task_vectors import (
+    SCOPES,
+    Magnitude,
+    RandomDrop,
+    Steps,
+    TaskVectorMerger,
+    check_scale,
+    set_checked,
+)
 
 MODES = ("linear", "ties")
 
 
+@dataclass(frozen=True)
+class DareOptions:
+    drop_rate: float = 0.5
+    merge: str = "linear"
+    density: float = 1.0
+    scale: float = 1.0
+    scope: str = "global"
+
+    def __post_init__(self) -> None:
+        set_checked(
+            self, drop_rate=check_range("drop_rate", self.drop_rate, 0.0, 1.0, hi_open=True)
+        )
+        check_choice("merge", self.merge, MODES)
+        set_checked(self, density=check_range("density", self.density, 0.0, 1.0, lo_open=True))
+        if self.merge == "linear" and self.density != 1.0:
+            raise ValueError("density (a TIES trim after dropping) needs merge='ties'")
+        set_checked(self, scale=check_scale(self.scale))
+        check_choice("scope", self.scope, SCOPES)
+
+    def steps(self) -> Steps:
+        drop_trim = (RandomDrop(self.drop_rate), Magnitude(self.density, self.scope))
+        return Steps(sparsify=drop_trim, elect=self.merge == "ties", scale=self.scale)
+
+
 @register("dare")
-class Dare(StreamingMerger):
+class Dare(TaskVectorMerger):
     """DARE + linear / TIES merge. Randomized: needs a key (see :mod:`.base`)."""
 
+    Options = DareOptions
     needs_key = True
-
-    def __init__(
-        self,
-        drop_rate: float = 0.5,
-        merge: str = "linear",
-        density: float = 1.0,
-        scale: float = 1.0,
-        scope: str = "global",
-    ) -> None:
-        super().__init__()
-        self.drop_rate = check_range("drop_rate", drop_rate, 0.0, 1.0, hi_open=True)
-        check_choice("merge", merge, MODES)
-        self.mode = merge
-        self.density = check_range("density", density, 0.0, 1.0, lo_open=True)
-        if merge == "linear" and self.density != 1.0:
-            raise ValueError("density (a TIES trim after dropping) needs merge='ties'")
-        self.scale = check_range("scale", scale, -1e6, 1e6)
-        check_choice("scope", scope, ("global", "tensor"))
-        self.scope = scope
-        self._sum: Tensor | None = None
-        self._acc: SignedAccumulator | None = None
-
-    def _reset_state(self) -> None:
-        self._sum = None
-        self._acc = None
-
-    def _begin(self, layout: FlatLayout) -> None:
-        if self.mode == "linear":
-            self._sum = layout.zeros()
-        else:
-            self._acc = SignedAccumulator(layout.total, layout.device)
-
-    def _dropped(self, layout: FlatLayout, delta: Delta, key: int) -> Iterator[tuple[int, Tensor]]:
-        """``(flat_offset, chunk)`` of the dropped-and-rescaled delta."""
-        keep = 1.0 - self.drop_rate
-        for off, x in layout.pieces(delta, chunk_size(layout.total, layout.device)):
-            m = bernoulli_keep(key, x.numel(), keep, offset=off, device=x.device)
-            yield off, torch.where(m, x / keep, 0.0)
-
-    def _add(self, layout: FlatLayout, delta: Delta, weight: float, key: int | None) -> None:
-        assert key is not None
-        if self.mode == "linear":
-            assert self._sum is not None
-            for off, x in self._dropped(layout, delta, key):
-                self._sum[off : off + x.numel()].add_(x, alpha=weight)
-            return
-        assert self._acc is not None
-        if self.density >= 1.0:
-            for off, x in self._dropped(layout, delta, key):
-                self._acc.add(off, x, weight)
-            return
-        full = layout.zeros()
-        for off, x in self._dropped(layout, delta, key):
-            full[off : off + x.numel()] = x
-        flats = [
-            full[o : o + f.numel()] for o, f in zip(layout.offsets, layout.flat(delta), strict=True)
-        ]
-        for off, x, t in thresholded_pieces(flats, layout.offsets, self.density, self.scope):
-            self._acc.add(off, x, weight, t)
-
-    def _finish(self, layout: FlatLayout) -> Tensor:
-        if self.mode == "linear":
-            assert self._sum is not None
-            return self._sum.mul_(self.scale / self._weight_sum)
-        assert self._acc is not None
-        return self._acc.finish().mul_(self.scale)

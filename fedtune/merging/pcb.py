@@ -18,18 +18,26 @@ a min-max over a constant vector (0/0 in the reference) is taken as 0. The refer
 the n×d matrix; here order statistics come from the chunked radix select
 (:func:`.sparsify.kth_smallest`) and the per-client scores are regenerated chunk by chunk,
 so memory is 3·d floats (Σ_j τ_j, numerator, denominator) plus the inputs.
+
+Not a :mod:`.task_vectors` pipeline: the "sparsification" (scores ``s_i``) of each client
+depends on ``Σ_j τ_j`` over all clients, so it needs two passes (a batch merger), and the
+merge is a mean weighted per coordinate by those scores. It reuses the shared steps: the
+first pass is a :class:`.task_vectors.WeightedSum`, chunks are :func:`.task_vectors.chunks`,
+and λ is applied by :func:`.task_vectors.scaled`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .base import BatchMerger, Delta, FlatLayout, check_range, register
-from .sparsify import chunk_size, kth_smallest
+from .sparsify import kth_smallest
+from .task_vectors import WeightedSum, WithOptions, check_scale, chunks, scaled, set_checked
 
 
 def _minmax(x: Tensor, lo: float, hi: float) -> Tensor:
@@ -38,59 +46,66 @@ def _minmax(x: Tensor, lo: float, hi: float) -> Tensor:
     return torch.zeros_like(x)
 
 
+@dataclass(frozen=True)
+class PCBOptions:
+    ratio: float = 0.1
+    clamp_q: float = 1e-4
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        set_checked(
+            self,
+            ratio=check_range("ratio", self.ratio, 0.0, 1.0, lo_open=True),
+            clamp_q=check_range("clamp_q", self.clamp_q, 0.0, 0.5, hi_open=True),
+            scale=check_scale(self.scale),
+        )
+
+
 @register("pcb")
-class PCB(BatchMerger):
+class PCB(WithOptions, BatchMerger):
     """PCB-Merging as released (see the module docstring)."""
 
-    def __init__(self, ratio: float = 0.1, clamp_q: float = 1e-4, scale: float = 1.0) -> None:
-        self.ratio = check_range("ratio", ratio, 0.0, 1.0, lo_open=True)
-        self.clamp_q = check_range("clamp_q", clamp_q, 0.0, 0.5, hi_open=True)
-        self.scale = check_range("scale", scale, -1e6, 1e6)
+    Options = PCBOptions
+    options: PCBOptions
 
     def _merge(
         self, layout: FlatLayout, deltas: Sequence[Delta], weights: list[float], key: int | None
     ) -> Tensor:
-        n, d = len(deltas), layout.total
+        o, n, d = self.options, len(deltas), layout.total
         mean_w = sum(weights) / n
         wt = [w / mean_w for w in weights]
-        total = layout.zeros()
-        for i, delta in enumerate(deltas):
-            for off, x in layout.pieces(delta, chunk_size(layout.total, layout.device)):
-                total[off : off + x.numel()].add_(x, alpha=wt[i])
+        sum_all = WeightedSum(layout)
+        for delta, w in zip(deltas, wt, strict=True):
+            for off, x in chunks(layout, layout.flat(delta)):
+                sum_all.add(off, x, None, w)
+        total = sum_all.sum
         num, den = layout.zeros(), layout.zeros()
-        i_lo = math.floor(d * self.clamp_q)
-        i_hi = max(i_lo, math.floor(d * (1 - self.clamp_q)) - 1)
-        i_beta = min(d - 1, math.floor(d * (1 - self.ratio)))
-        for i, delta in enumerate(deltas):
-            if wt[i] == 0:
+        i_lo = math.floor(d * o.clamp_q)
+        i_hi = max(i_lo, math.floor(d * (1 - o.clamp_q)) - 1)
+        i_beta = min(d - 1, math.floor(d * (1 - o.ratio)))
+        for delta, w in zip(deltas, wt, strict=True):
+            if w == 0:
                 continue
+            f = layout.flat(delta)
 
-            def absval(delta: Delta = delta) -> Iterator[Tensor]:
-                return (
-                    x.abs()
-                    for _, x in layout.pieces(delta, chunk_size(layout.total, layout.device))
-                )
+            def absval(f: list[Tensor] = f) -> Iterator[Tensor]:
+                return (x.abs() for _, x in chunks(layout, f))
 
             a_lo = kth_smallest(absval, i_lo + 1, nonneg=True)
             a_hi = kth_smallest(absval, i_hi + 1, nonneg=True)
 
             def beta(
-                delta: Delta = delta, a_lo: float = a_lo, a_hi: float = a_hi
+                f: list[Tensor] = f, a_lo: float = a_lo, a_hi: float = a_hi
             ) -> Iterator[Tensor]:
-                for off, x in layout.pieces(delta, chunk_size(layout.total, layout.device)):
-                    a = x.abs().clamp(a_lo, a_hi)
-                    intra = torch.exp(n * _minmax(a, a_lo, a_hi) ** 2)
-                    inter = torch.tanh(x * total[off : off + x.numel()])
-                    yield intra * inter
+                for off, x in chunks(layout, f):
+                    intra = torch.exp(n * _minmax(x.abs().clamp(a_lo, a_hi), a_lo, a_hi) ** 2)
+                    yield intra * torch.tanh(x * total[off : off + x.numel()])
 
             b_lo = kth_smallest(beta, i_beta + 1)
             b_hi = max(float(c.max()) for c in beta())
-            for (off, x), b in zip(
-                layout.pieces(delta, chunk_size(layout.total, layout.device)), beta(), strict=True
-            ):
-                s = _minmax(b.clamp_min(b_lo), b_lo, b_hi) * wt[i]
-                clamped = torch.sign(x) * x.abs().clamp(a_lo, a_hi)
+            for (off, x), b in zip(chunks(layout, f), beta(), strict=True):
+                s = _minmax(b.clamp_min(b_lo), b_lo, b_hi) * w
                 sl = slice(off, off + x.numel())
-                num[sl] += s * clamped
+                num[sl] += s * (torch.sign(x) * x.abs().clamp(a_lo, a_hi))
                 den[sl] += s
-        return num.div_(den.clamp_min_(1e-12)).mul_(self.scale)
+        return scaled(num.div_(den.clamp_min_(1e-12)), o.scale)

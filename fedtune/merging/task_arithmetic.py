@@ -12,40 +12,38 @@ Weights (the choice made here, since the paper has none and references disagree)
   the weights are equal, and still invariant to scaling all weights together. (mergekit's
   ``task_arithmetic`` multiplies by the raw weights instead; with weights = number of
   examples that would scale the update by thousands, so it is not offered.)
+
+Steps (:mod:`.task_vectors`): no sparsification, no election, a weighted sum, then
+``· λ / Σw`` (or ``/ mean w``). Streaming, one d-vector of state.
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+from dataclasses import dataclass
 
-from .base import Delta, FlatLayout, StreamingMerger, check_range, register
-from .sparsify import chunk_size
+from .base import register
+from .task_vectors import Steps, TaskVectorMerger, check_scale, set_checked
+
+
+@dataclass(frozen=True)
+class TaskArithmeticOptions:
+    scale: float = 1.0
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        set_checked(self, scale=check_scale(self.scale))
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
+
+    def steps(self) -> Steps:
+        return Steps(normalize=self.normalize, scale=self.scale)
 
 
 @register("task-arithmetic")
-class TaskArithmetic(StreamingMerger):
-    """Scaled weighted sum/mean of deltas (streaming, one d-vector of state)."""
+class TaskArithmetic(TaskVectorMerger):
+    """Scaled weighted sum/mean of deltas. ``weighted_mean`` is True iff ``scale == 1`` and
+    ``normalize`` (then it is FedAvg, up to rounding: ``Σ w_i τ_i · (1/Σw)``)."""
 
-    def __init__(self, scale: float = 1.0, normalize: bool = True) -> None:
-        super().__init__()
-        self.scale = check_range("scale", scale, -1e6, 1e6)
-        if not isinstance(normalize, bool):
-            raise ValueError(f"normalize must be true or false, got {normalize!r}")
-        self.normalize = normalize
-        self._sum: Tensor | None = None
-
-    def _reset_state(self) -> None:
-        self._sum = None
-
-    def _begin(self, layout: FlatLayout) -> None:
-        self._sum = layout.zeros()
-
-    def _add(self, layout: FlatLayout, delta: Delta, weight: float, key: int | None) -> None:
-        assert self._sum is not None
-        for off, x in layout.pieces(delta, chunk_size(layout.total, layout.device)):
-            self._sum[off : off + x.numel()].add_(x, alpha=weight)
-
-    def _finish(self, layout: FlatLayout) -> Tensor:
-        assert self._sum is not None
-        denom = self._weight_sum if self.normalize else self._weight_sum / self._count
-        return self._sum.mul_(self.scale / denom)
+    Options = TaskArithmeticOptions
+    #: Σ_i (λ w_i / Σw) τ_i (or / mean w) for any options: clients can replay it from payloads.
+    linear = True

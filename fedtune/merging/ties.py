@@ -20,64 +20,40 @@ fedtune convention (docs/DESIGN.md §4), with the deviations from the paper:
    weighted sum by the *count* of agreeing clients, so it coincides only for unit weights.)
 4. Multiply by ``scale`` (λ, default 1).
 
-Streaming: trimming uses only the client's own delta, so it happens in ``add``; elect and
-disjoint mean need four running vectors (:class:`.sparsify.SignedAccumulator`). Verified
-in the research note to equal the batch reference.
+Steps (:mod:`.task_vectors`): ``Magnitude(density, scope)``, elect, scale. Streaming:
+trimming uses only the client's own delta, so it happens in ``add``; elect and disjoint mean
+need four running vectors (:class:`.sparsify.SignedAccumulator`). Verified in the research
+note to equal the batch reference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
 
-from torch import Tensor
+from .base import check_choice, check_range, register
 
-from .base import Delta, FlatLayout, StreamingMerger, check_choice, check_range, register
-from .sparsify import SignedAccumulator, chunk_size, magnitude_threshold
+# Unused here (task_vectors chunks); kept as tests/test_merging.py monkeypatches this name.
+from .sparsify import chunk_size  # noqa: F401
+from .task_vectors import SCOPES, Magnitude, Steps, TaskVectorMerger, check_scale, set_checked
 
-SCOPES = ("global", "tensor")
 
+@dataclass(frozen=True)
+class TiesOptions:
+    density: float = 0.2
+    scale: float = 1.0
+    scope: str = "global"
 
-def thresholded_pieces(
-    flats: list[Tensor], offsets: tuple[int, ...], density: float, scope: str
-) -> Iterator[tuple[int, Tensor, float | None]]:
-    """``(flat_offset, chunk, threshold)`` of one client's delta: the entries of the chunk
-    with ``|x| >= threshold`` (and ``x != 0``) are its top-``density`` fraction."""
-    if scope == "global":
-        t = magnitude_threshold(flats, density)
-        thresholds = [t] * len(flats)
-    else:
-        thresholds = [magnitude_threshold([f], density) for f in flats]
-    step = chunk_size(sum(f.numel() for f in flats), flats[0].device)
-    for off, f, t in zip(offsets, flats, thresholds, strict=True):
-        for s in range(0, f.numel(), step):
-            yield off + s, f[s : s + step], t
+    def __post_init__(self) -> None:
+        density = check_range("density", self.density, 0.0, 1.0, lo_open=True)
+        set_checked(self, density=density, scale=check_scale(self.scale))
+        check_choice("scope", self.scope, SCOPES)
+
+    def steps(self) -> Steps:
+        return Steps(sparsify=(Magnitude(self.density, self.scope),), elect=True, scale=self.scale)
 
 
 @register("ties")
-class Ties(StreamingMerger):
+class Ties(TaskVectorMerger):
     """TIES with the fedtune convention (see the module docstring). Streaming, 4·d state."""
 
-    def __init__(self, density: float = 0.2, scale: float = 1.0, scope: str = "global") -> None:
-        super().__init__()
-        self.density = check_range("density", density, 0.0, 1.0, lo_open=True)
-        self.scale = check_range("scale", scale, -1e6, 1e6)
-        check_choice("scope", scope, SCOPES)
-        self.scope = scope
-        self._acc: SignedAccumulator | None = None
-
-    def _reset_state(self) -> None:
-        self._acc = None
-
-    def _begin(self, layout: FlatLayout) -> None:
-        self._acc = SignedAccumulator(layout.total, layout.device)
-
-    def _add(self, layout: FlatLayout, delta: Delta, weight: float, key: int | None) -> None:
-        assert self._acc is not None
-        pieces = thresholded_pieces(layout.flat(delta), layout.offsets, self.density, self.scope)
-        for off, x, t in pieces:
-            self._acc.add(off, x, weight, t)
-
-    def _finish(self, layout: FlatLayout) -> Tensor:
-        assert self._acc is not None
-        out = self._acc.finish()
-        return out.mul_(self.scale) if self.scale != 1.0 else out
+    Options = TiesOptions
