@@ -20,8 +20,7 @@ seeds), ``uplink_bytes_per_client_round``, ``min_step_accuracy`` (largest drop b
 consecutive rounds after round 2, <= 0), ``wall_seconds`` (mean per seed), ``curve`` (mean over
 seeds: round, accuracy, loss, cumulative_uplink_bytes) and ``per_seed`` curves.
 
-``trainer='subspace'`` (fedtune/subspace.py) is set after parsing, see
-:func:`fedtune.subspace.build_config`; ``codec-seed`` of a subspace row is set to the run seed.
+``trainer='subspace'`` (fedtune/subspace.py) is a run-config key like any other; ``codec-seed`` of a subspace row is set to the run seed.
 """
 
 from __future__ import annotations
@@ -133,7 +132,7 @@ def run_one(name: str, seed: int, rounds: int, extra: dict[str, Any]) -> dict[st
         return {"rows": rows, "wall": wall}
     if folder.exists():  # an unfinished run of this benchmark: start it again
         shutil.rmtree(folder)
-    from fedtune import pipeline, subspace
+    from fedtune import pipeline
     from fedtune.simulate import Simulation, build_config
 
     pipeline.quiet_libraries()
@@ -143,7 +142,7 @@ def run_one(name: str, seed: int, rounds: int, extra: dict[str, Any]) -> dict[st
         over["codec-seed"] = seed
     over.update({"seed": seed, "output-dir": str(RUNS), "run-name": folder.name})
     items = [_kv(over)]
-    cfg = subspace.build_config(items, trainer=trainer) if trainer else build_config(items)
+    cfg = build_config(items + [f"trainer='{trainer}'"] if trainer else items)
     t0 = time.perf_counter()
     sim = Simulation(cfg, echo=lambda s: print(f"  {s}", flush=True))
     sim.run()

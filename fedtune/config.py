@@ -198,10 +198,13 @@ class Config:
         1.0, "gradient-norm clip (0 = off)", lo=0.0, what="0 (off) or a positive norm"
     )
     device: str = key("auto", "'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'")
-    trainer: Literal["auto", "first-order", "zeroth-order"] = key(
+    # a registered trainer's name (fedtune/trainers.py, fedtune/subspace.py, plug-ins); the
+    # name is checked against the registry by fedtune.parts.validate
+    trainer: str = key(
         "auto",
         "'first-order' (AdamW steps, then the codec encodes the delta), 'zeroth-order' (MeZO "
-        "steps; the payload is their scalars) or 'auto' (what the codec needs)",
+        "steps; the payload is their scalars), 'subspace' (train in the round's seeded "
+        "subspace), a plug-in's trainer, or 'auto' (what the codec needs)",
     )
     zo_eps: float = key(
         1e-3,
@@ -345,6 +348,14 @@ class Config:
             "max-block",
             "lr",
             "max-steps",
+            "seed",
+            "head",
+            "head-bits",
+            "head-k",
+            "head-lr",
+            "head-match",
+            "density",
+            "value-bits",
         ),
     )
     merger_options: tuple[tuple[str, Scalar], ...] = key(

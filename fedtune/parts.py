@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune import adapters, codecs, merging, rng, trainers
+from fedtune import subspace as _subspace  # noqa: F401  (registers codec + trainer 'subspace')
 from fedtune.config import Config, ConfigError
 from fedtune.registry import RegistryError
 from fedtune.round import ClipReject, DirectionFilter, ServerRound

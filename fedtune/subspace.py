@@ -503,24 +503,6 @@ def train_subspace(
     return SubspaceUpdate(z.detach().clone(), head_delta, like)
 
 
-def build_config(items: list[str], *, trainer: str = "subspace", app: Any = None) -> Any:
-    """:func:`fedtune.simulate.build_config` with ``trainer`` set to a registered trainer.
-
-    ``fedtune.config.Config.trainer`` is a closed ``Literal`` ('auto', 'first-order',
-    'zeroth-order') today, so ``trainer='subspace'`` is refused by the parser although the
-    trainer registry knows it; this parses the other keys, sets the field on the frozen
-    config and validates the parts again (``fedtune.parts.validate``). In-process only: a
-    Flower run needs config.py to accept registered trainer names.
-    """
-    from fedtune import parts, simulate
-
-    cfg = simulate.build_config(items) if app is None else simulate.build_config(items, app)
-    trainers.factory(trainer)  # an unknown name fails here
-    cfg = dataclasses.replace(cfg, trainer=trainer)  # type: ignore[arg-type]
-    parts.validate(cfg)
-    return cfg
-
-
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:
     if p.grad is None:
         return torch.zeros(p.numel())

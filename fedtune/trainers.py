@@ -105,7 +105,7 @@ def first_order(job: LocalJob) -> LocalResult:
 def zeroth_order(job: LocalJob) -> LocalResult:
     """MeZO steps with the codec's learning rate and scalar precision; the update is the list
     of projected-gradient scalars (the directions are the server's to regenerate)."""
-    from fedtune.codecs import ZOUpdate
+    from fedtune.codecs.spsa import ZOUpdate
     from fedtune.train import to_device
     from fedtune.zo import zo_train
 

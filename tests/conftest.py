@@ -39,3 +39,27 @@ def tiny_run_config(tmp_path):
         "min-available-nodes": 2,
         "output-dir": str(tmp_path / "runs"),
     }
+
+
+@pytest.fixture
+def isolated_registries():
+    """Methods a test registers (plug-ins) are gone again after it: other tests iterate the
+    registries and must see only fedtune's own methods."""
+    from fedtune import adapters, codecs, merging, parts, trainers
+    from fedtune.merging import server_opt
+
+    regs = [
+        adapters.REGISTRY,
+        codecs.REGISTRY,
+        merging.base.MERGERS,
+        server_opt.SERVER_OPTS,
+        trainers.REGISTRY,
+    ]
+    saved = [dict(r._items) for r in regs]
+    loaded = dict(parts._LOADED)
+    yield
+    for r, items in zip(regs, saved, strict=True):
+        r._items.clear()
+        r._items.update(items)
+    parts._LOADED.clear()
+    parts._LOADED.update(loaded)

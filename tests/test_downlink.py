@@ -299,15 +299,31 @@ def test_history_prunes_rounds_no_cheaper_chain_can_use():
 )
 def test_config_rejects_what_a_client_cannot_rebuild(extra, key, why):
     with pytest.raises(ConfigError) as e:
-        parse({"downlink": "payloads", **extra})
+        parts.load_config({"downlink": "payloads", **extra})
     msg = str(e.value)
     assert f"'{key}'" in msg and why in msg and "\n" not in msg
 
 
-def test_config_accepts_linear_stateless_setups_and_dense_anything():
-    parse({"downlink": "auto", "merger": "task-arithmetic", "server-opt": "sgd"})
-    parse({"downlink": "payloads", "codec": "countsketch", "clip-norm": 1.0})
-    parse({"downlink": "dense", "merger": "ties", "server-opt": "fedadam", "codec": "gaussian"})
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"downlink": "auto", "merger": "task-arithmetic", "server-opt": "sgd"},
+        {"downlink": "payloads", "codec": "countsketch", "clip-norm": 1.0},
+        {"downlink": "dense", "merger": "ties", "server-opt": "fedadam", "codec": "gaussian"},
+    ],
+)
+def test_config_accepts_linear_stateless_setups_and_dense_anything(extra):
+    """Accepted because of what the methods declare (not a list of names): a compact downlink
+    gets a linear merger, a stateless optimizer and a replayable codec; dense takes anything."""
+    cfg = parts.load_config(extra)
+    assert cfg.downlink == extra["downlink"] and cfg.merger == extra.get("merger", "fedavg")
+    if cfg.downlink != "dense":
+        assert parts.merger(cfg).linear is True
+        assert parts.server_opt(cfg).stateless is True
+        assert parts.codec(cfg).replayable is True
+    else:
+        assert not getattr(parts.merger(cfg), "linear", False)
+        assert not parts.server_opt(cfg).stateless
 
 
 def test_dense_downlink_messages_are_unchanged():

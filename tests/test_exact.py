@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from fedtune import adapters, checkpoint, codecs, merging, rng
+from fedtune import adapters, checkpoint, codecs, merging, parts, rng
 from fedtune.adapters import exact
 from fedtune.adapters.lora import init_from_key
 from fedtune.adapters.mos import MoS
@@ -277,7 +277,7 @@ def test_clipping_is_applied_once_and_the_result_stays_exact():
 )
 def test_exact_rejects_nonlinear_mergers_and_server_optimizers(extra, words):
     with pytest.raises(ConfigError) as e:
-        parse({"factor-mode": "exact", **extra})
+        parts.load_config({"factor-mode": "exact", **extra})
     msg = str(e.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
 

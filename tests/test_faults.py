@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune import faults
+from fedtune import faults, parts
 from fedtune.config import ConfigError, parse
 from tests.test_strategy import _task_identity  # noqa: F401  (autouse: Flower's run identity)
 

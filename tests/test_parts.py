@@ -9,6 +9,8 @@ import pytest
 from fedtune import merging, parts
 from fedtune.config import ConfigError, parse
 
+pytestmark = pytest.mark.usefixtures("isolated_registries")
+
 
 def test_unknown_method_lists_registered_names():
     with pytest.raises(ConfigError) as e:

@@ -26,4 +26,3 @@ __all__ = [
     "names",
     "register",
 ]
-from fedtune import subspace as _subspace  # noqa: E402, F401  (issue 17: codec + trainer)

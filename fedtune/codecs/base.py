@@ -122,6 +122,12 @@ class Codec(abc.ABC):
     #: folded into the layout hash of every payload (``spec_hash``); set by
     #: ``pipeline.build_codec`` so that MoS payloads built for other index lists are rejected
     layout_salt: int = 0
+    #: the decoder is bit-identical on every machine and thread count (integer / elementwise
+    #: arithmetic, no BLAS sums), so clients can replay the server's round from payloads
+    #: (the compact downlink, fedtune/downlink.py)
+    replayable: ClassVar[bool] = True
+    #: the payload is zeroth-order (key, scalar) pairs: it needs the zeroth-order trainer
+    zeroth_order: ClassVar[bool] = False
 
     @abc.abstractmethod
     def encode(self, delta: Any, key: int, *, round: int = 0, slot: int = 0) -> bytes: ...

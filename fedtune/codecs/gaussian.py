@@ -19,6 +19,8 @@ rounding (use ``srht``/``countsketch`` for bit-identical decoding).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import dataclasses
 
 import torch
@@ -41,6 +43,8 @@ def _rows(gen, key: int, block: int, d: int, k: int, budget: int, device):  # ty
 @dataclasses.dataclass
 class GaussianCodec(ProjectionCodec):
     """Dense N(0,1) bases, unbiased ``1/K`` reconstruction (Ferret with ρ = 1)."""
+
+    replayable: ClassVar[bool] = False  # its decoder sums dense bases with BLAS
 
     name = "gaussian"
     _generator = staticmethod(rng.normal)

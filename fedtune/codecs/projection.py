@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedtune.codecs import quantize as q
-from fedtune.codecs import wire
+import fedtune.codecs.quantize as q
+import fedtune.codecs.wire as wire
 from fedtune.codecs.base import (
     Block,
     Codec,

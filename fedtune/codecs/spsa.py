@@ -15,6 +15,8 @@ Body: ``f64 lr | S scalars``; the K table holds ``[S]``. Replay costs S·d norma
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import dataclasses
 import math
 import struct
@@ -25,8 +27,8 @@ import numpy as np
 import torch
 
 from fedtune import zo
-from fedtune.codecs import quantize as q
-from fedtune.codecs import wire
+import fedtune.codecs.quantize as q
+import fedtune.codecs.wire as wire
 from fedtune.codecs.base import (
     Codec,
     Delta,
@@ -52,6 +54,8 @@ class ZOUpdate:
 class SpsaCodec(Codec):
     """Options: ``lr`` (the client's ZO learning rate, required), ``coef_bits`` (32 or 16),
     ``max_steps`` (payloads with more steps are rejected)."""
+
+    zeroth_order: ClassVar[bool] = True
 
     lr: float
     coef_bits: int = 32
