@@ -142,7 +142,7 @@ def run_one(name: str, seed: int, rounds: int, extra: dict[str, Any]) -> dict[st
         over["codec-seed"] = seed
     over.update({"seed": seed, "output-dir": str(RUNS), "run-name": folder.name})
     items = [_kv(over)]
-    cfg = build_config(items + [f"trainer='{trainer}'"] if trainer else items)
+    cfg = build_config([*items, f"trainer='{trainer}'"] if trainer else items)
     t0 = time.perf_counter()
     sim = Simulation(cfg, echo=lambda s: print(f"  {s}", flush=True))
     sim.run()

@@ -64,7 +64,8 @@ class LocalResult:
 
 
 Trainer = Callable[[LocalJob], LocalResult]
-REGISTRY: Registry[Trainer] = Registry("trainer")
+# a trainer is its own factory: the registry maps a name to the function that trains
+REGISTRY: Registry[LocalResult] = Registry("trainer")
 register = REGISTRY.register
 names = REGISTRY.names
 factory = REGISTRY.factory

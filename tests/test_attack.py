@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedtune import attacks, parts, pipeline
+from fedtune import attacks, parts
 from fedtune.config import parse
 
 

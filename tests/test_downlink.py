@@ -28,9 +28,7 @@ from fedtune.downlink import (
 )
 from fedtune.fl import downlink as fl_downlink
 from fedtune.fl.records import key_from_config, payload_to_record, record_to_state, state_to_record
-
-from tests.helpers import make_strategy
-from tests.helpers import identity_replies
+from tests.helpers import identity_replies, make_strategy
 
 NODES = [11, 22, 33, 44]  # slots 0..3 (partition id = rank)
 SPEC_KEY = 0xD0

@@ -29,8 +29,7 @@ from fedtune.fl.records import (
     train_residual,
 )
 from fedtune.fl.strategy import FedTuneStrategy
-from tests.helpers import make_strategy
-from tests.helpers import held_out_metrics, identity_replies
+from tests.helpers import held_out_metrics, identity_replies, make_strategy
 
 KEY = rng.derive_key(2024, 6)  # issue #6
 NODES = [101, 202, 303]

@@ -255,7 +255,6 @@ def test_too_few_replies_skip_the_round_and_the_run_still_ends(tiny_run_config, 
 def test_boosted_attackers_are_dropped_by_clip_reject_in_a_real_run(tiny_run_config, tmp_path):
     """A real ``flwr run`` with one of 5 clients sending -100x updates: every round drops
     exactly that client, with the reason in the log, and merges the other four."""
-    from fedtune import pipeline
     from fedtune.config import parse
 
     cfg = {

@@ -55,13 +55,13 @@ def test_auto_trainer_follows_the_codec():
 def test_downlink_and_exact_checks_ask_the_methods(tmp_path):
     """A user's merger that declares itself linear passes the compact-downlink check; nothing
     keeps a list of names."""
-    with pytest.raises(ConfigError, match="linear merger: .*fedavg"):
+    with pytest.raises(ConfigError, match=r"linear merger: .*fedavg"):
         parts.load_config({"downlink": "payloads", "merger": "ties"})
-    with pytest.raises(ConfigError, match="replay optimizer state"):
+    with pytest.raises(ConfigError, match=r"replay optimizer state"):
         parts.load_config({"downlink": "payloads", "server-opt": "fedadam"})
-    with pytest.raises(ConfigError, match="BLAS"):
+    with pytest.raises(ConfigError, match=r"BLAS"):
         parts.load_config({"downlink": "payloads", "codec": "gaussian"})
-    with pytest.raises(ConfigError, match="weighted mean"):
+    with pytest.raises(ConfigError, match=r"weighted mean"):
         parts.load_config({"factor-mode": "exact", "merger": "median"})
     plugin = tmp_path / "halfsum.py"
     plugin.write_text(
@@ -82,20 +82,20 @@ def test_downlink_and_exact_checks_ask_the_methods(tmp_path):
     )
     cfg = parts.load_config({"plugins": str(plugin), "merger": "half-mean-test", "downlink": "auto"})
     assert cfg.merger == "half-mean-test"
-    with pytest.raises(ConfigError, match="weighted mean"):
+    with pytest.raises(ConfigError, match=r"weighted mean"):
         parts.load_config({"plugins": str(plugin), "merger": "half-mean-test", "factor-mode": "exact"})
 
 
 def test_plugin_errors_are_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="'plugins': file 'nope.py' not found"):
+    with pytest.raises(ConfigError, match=r"'plugins': file 'nope.py' not found"):
         parts.load_plugins("nope.py", tmp_path)
     (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
-    with pytest.raises(ConfigError, match="importing 'broken.py' failed: RuntimeError: boom"):
+    with pytest.raises(ConfigError, match=r"importing 'broken.py' failed: RuntimeError: boom"):
         parts.load_plugins("broken.py", tmp_path)
     (tmp_path / "empty.py").write_text("x = 1\n")
-    with pytest.raises(ConfigError, match="registered no adapter, codec, merger"):
+    with pytest.raises(ConfigError, match=r"registered no adapter, codec, merger"):
         parts.load_plugins("empty.py", tmp_path)
-    with pytest.raises(ConfigError, match="module 'no_such_mod_xyz' failed"):
+    with pytest.raises(ConfigError, match=r"module 'no_such_mod_xyz' failed"):
         parts.load_plugins("no_such_mod_xyz", tmp_path)
     for e in ("nope.py",):
         try:

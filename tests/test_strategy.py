@@ -11,7 +11,6 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune import codecs, merging
 from fedtune.fl.records import key_from_config, payload_to_record, record_to_state, state_to_record
-
 from tests.helpers import make_strategy
 
 NODES = [303, 101, 202]

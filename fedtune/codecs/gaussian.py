@@ -19,9 +19,8 @@ rounding (use ``srht``/``countsketch`` for bit-identical decoding).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import dataclasses
+from typing import ClassVar
 
 import torch
 

@@ -15,20 +15,18 @@ Body: ``f64 lr | S scalars``; the K table holds ``[S]``. Replay costs S·d norma
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import dataclasses
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from fedtune import zo
 import fedtune.codecs.quantize as q
 import fedtune.codecs.wire as wire
+from fedtune import zo
 from fedtune.codecs.base import (
     Codec,
     Delta,

@@ -77,10 +77,9 @@ needs to reproduce.
 
 from __future__ import annotations
 
-from typing import Any
-
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
