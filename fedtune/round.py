@@ -53,6 +53,35 @@ def sample(run_seed: int, server_round: int, n: int, fraction: float, min_nodes:
     return sorted(pick.tolist())
 
 
+def assign_slots(
+    known: Mapping[int, int], unknown: Sequence[int], claimed: Mapping[int, int], fallback: int
+) -> dict[int, int]:
+    """Slots of the ``unknown`` node ids: the partition id each ``claimed``, when it is in
+    ``[0, fallback)``, unique among the claims and not held by a ``known`` node; otherwise a
+    fallback slot from ``fallback + len(known)`` upwards in node-id order. Keys are issued per
+    slot, and a partition id is stable across restarts (node ids are not), which makes a
+    resumed run bit-identical."""
+    taken = set(known.values())
+    counts: dict[int, int] = {}
+    for pid in claimed.values():
+        counts[pid] = counts.get(pid, 0) + 1
+    out: dict[int, int] = {}
+    nxt = fallback + len(known)
+    for n in unknown:
+        claim = claimed.get(n)
+        if (
+            claim is not None
+            and 0 <= claim < fallback
+            and counts[claim] == 1
+            and claim not in taken
+        ):
+            out[n] = claim
+        else:
+            out[n] = nxt
+            nxt += 1
+    return out
+
+
 # --------------------------------------------------------------------------- inputs / outputs
 @dataclass
 class Update:
@@ -237,7 +266,9 @@ class ServerRound:
         """Screens, clip, merge, server optimizer and (exact mode) the residual, in slot order
         (arrival order varies between runs; the result must not)."""
         kept = sorted(updates, key=lambda u: u.slot)
-        res = RoundResult(server_round, dict(state), merge_key=merge_key(self.run_seed, server_round))
+        res = RoundResult(
+            server_round, dict(state), merge_key=merge_key(self.run_seed, server_round)
+        )
         for s in self.screens:
             out, notes = s.screen([u.delta for u in kept], [u.slot for u in kept])
             res.notes += notes

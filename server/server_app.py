@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune import checkpoint, parts, pipeline
 from fedtune.config import ConfigError
 from fedtune.data import DataError
+from fedtune.fl.loop import run_rounds
 from fedtune.fl.records import record_to_state, state_to_record
 from fedtune.fl.strategy import FedTuneStrategy, RoundStats
 from fedtune.models import ModelError
@@ -68,7 +69,8 @@ def main(grid: Grid, context: Context) -> None:
         row = folder.evaluate(t, record_to_state(arrays), stats, server_round.residual)
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, int | float)})
 
-    final = strategy.run(
+    final = run_rounds(
+        strategy,
         grid,
         state_to_record(state),
         first_round=first_round,

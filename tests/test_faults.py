@@ -78,6 +78,7 @@ def test_the_strategy_waits_at_most_round_timeout_and_names_the_silent_nodes(cap
     from flwr.app import MessageType
 
     from fedtune import codecs
+    from fedtune.fl.loop import run_rounds
     from fedtune.fl.records import key_from_config, state_to_record
     from tests.test_strategy import _delta, _grid, _reply, _strategy
 
@@ -104,7 +105,7 @@ def test_the_strategy_waits_at_most_round_timeout_and_names_the_silent_nodes(cap
     grid.send_and_receive.side_effect = send_and_receive
     logging.getLogger("flwr").addHandler(caplog.handler)
     try:
-        s.run(grid, state_to_record(spec), first_round=1, num_rounds=2, timeout=7.0)
+        run_rounds(s, grid, state_to_record(spec), first_round=1, num_rounds=2, timeout=7.0)
     finally:
         logging.getLogger("flwr").removeHandler(caplog.handler)
     assert timeouts == [s.node_wait, 7.0, 7.0]  # the identity query, then one call per round

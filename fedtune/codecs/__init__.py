@@ -6,11 +6,11 @@
     delta_hat = codec.decode(payload, like=spec, key=key, round=t, slot=j)
 
 Built in: ``dense``, ``gaussian`` (Ferret reference), ``rademacher``, ``srht``,
-``countsketch``, ``spsa`` (zeroth-order scalars). Every decoding failure raises
-:class:`PayloadError`. :class:`ErrorFeedback` is the client-side residual memory.
+``countsketch``, ``spsa`` (zeroth-order scalars), ``topk`` (sparsification). Every decoding
+failure raises :class:`PayloadError`. :class:`ErrorFeedback` is the client-side residual memory.
 """
 
-from fedtune.codecs import countsketch, dense, gaussian, rademacher, spsa, srht  # noqa: F401
+from fedtune.codecs import countsketch, dense, gaussian, rademacher, spsa, srht, topk  # noqa: F401
 from fedtune.codecs.base import Codec, PayloadError
 from fedtune.codecs.error_feedback import ErrorFeedback
 from fedtune.codecs.registry import REGISTRY, get, names, register

@@ -15,6 +15,7 @@ Philox words feed the accumulation (encode) or the gather (decode) directly
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ def _hash(
 class CountSketchCodec(ProjectionCodec):
     """Signed hashing into K_l buckets per block."""
 
+    replayable: ClassVar[bool] = True  # decoding is a signed gather, no sums
     name = "countsketch"
 
     def project(self, x: torch.Tensor, k: int, key: int, block: int) -> torch.Tensor:

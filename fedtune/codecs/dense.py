@@ -9,6 +9,7 @@ Shares the wire format and decoder of the sketch codecs: every block has ``K_l =
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from fedtune.codecs.base import Block
 from fedtune.codecs.projection import ProjectionCodec
@@ -25,6 +26,7 @@ class DenseCodec(ProjectionCodec):
     min_per_block: int = dataclasses.field(default=1, init=False)
     unbiased: bool = dataclasses.field(default=True, init=False)
 
+    replayable: ClassVar[bool] = True  # elementwise dequantize and copy, no sums
     name = "dense"
 
     def __post_init__(self) -> None:

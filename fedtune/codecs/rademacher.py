@@ -9,6 +9,7 @@ O(K·d). Bases are bit-identical on every device; the sums use BLAS (see ``gauss
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from fedtune import rng
 from fedtune.codecs.gaussian import GaussianCodec
@@ -20,6 +21,7 @@ from fedtune.codecs.registry import register
 class RademacherCodec(GaussianCodec):
     """Dense ±1 bases; block l row k = ``rng.rademacher(key, l, d, offset=k·d)``."""
 
+    replayable: ClassVar[bool] = False  # the gaussian decoder: BLAS sums over bases
     name = "rademacher"
     _generator = staticmethod(rng.rademacher)
 

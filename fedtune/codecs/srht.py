@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -138,6 +139,7 @@ _BATCH = 1 << 20  # elements per batched transform (blocks of equal padded size 
 class SRHTCodec(ProjectionCodec):
     """Random signs + fast Walsh–Hadamard + K rows without replacement, per block."""
 
+    replayable: ClassVar[bool] = True  # sign flips + exact FWHT butterflies, no BLAS
     name = "srht"
 
     def project(self, x: torch.Tensor, k: int, key: int, block: int) -> torch.Tensor:

@@ -46,6 +46,7 @@ CODEC_IDS: dict[str, int] = {
     "srht": 4,
     "countsketch": 5,
     "spsa": 6,
+    "topk": 7,
 }
 
 

@@ -127,21 +127,12 @@ class FedTuneStrategy(FedAvg):
             if reply.has_error() or "identity" not in reply.content.metric_records:
                 continue
             pid = reply.content.metric_records["identity"].get("partition-id")
-            if isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < FALLBACK_SLOT:
+            if isinstance(pid, int) and not isinstance(pid, bool):
                 claimed[reply.metadata.src_node_id] = pid
-        taken = set(self.slots.values())
-        counts: dict[int, int] = {}
-        for pid in claimed.values():
-            counts[pid] = counts.get(pid, 0) + 1
-        fallback = FALLBACK_SLOT + len(self.slots)
-        for n in unknown:
-            pid = claimed.get(n)
-            if pid is not None and counts[pid] == 1 and pid not in taken:
-                self.slots[n] = pid
-            else:
-                self.slots[n] = fallback
-                fallback += 1
-                log(WARNING, "node %s gave no unique partition id; using slot %d", n, self.slots[n])
+        for n, slot in rnd_.assign_slots(self.slots, unknown, claimed, FALLBACK_SLOT).items():
+            self.slots[n] = slot
+            if slot >= FALLBACK_SLOT:
+                log(WARNING, "node %s gave no unique partition id; using slot %d", n, slot)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -299,51 +290,3 @@ class FedTuneStrategy(FedAvg):
         log(INFO, "\t├── fedtune: codec=%s merger=%s server-opt=%s", *names)
         log(INFO, "\t├── fedtune: min-valid=%d downlink=%s", r.min_valid, self.downlink.mode)
         super().summary()
-
-    # ------------------------------------------------------------------ the loop
-    def run(
-        self,
-        grid: Grid,
-        arrays: ArrayRecord,
-        *,
-        first_round: int,
-        num_rounds: int,
-        timeout: float,
-        evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
-        after_round: Callable[[int, ArrayRecord], None] | None = None,
-    ) -> ArrayRecord:
-        """Rounds ``first_round..num_rounds``: train, aggregate, evaluate, checkpoint.
-
-        Flower's ``Strategy.start`` always begins at round 1; resuming needs a loop that can
-        begin anywhere, so we run the same steps ourselves (no client-side evaluation: the
-        server evaluates on the held-out split).
-        """
-        if first_round == 1 and evaluate_fn is not None:
-            evaluate_fn(0, arrays)
-        for t in range(first_round, num_rounds + 1):
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", t, num_rounds)
-            messages = list(self.configure_train(t, arrays, ConfigRecord({}), grid))
-            replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-            missing = sorted(set(self.issued) - {m.metadata.src_node_id for m in replies})
-            if missing:
-                log(
-                    WARNING,
-                    "round %d: no reply within round-timeout=%.0f s from %d of %d sampled nodes "
-                    "(slots %s); going on without them",
-                    t,
-                    timeout,
-                    len(missing),
-                    len(self.issued),
-                    ", ".join(str(self.issued[n][0]) for n in missing),
-                )
-            new, _ = self.aggregate_train(t, replies)
-            if new is not None:
-                arrays = new
-            if evaluate_fn is not None:
-                evaluate_fn(t, arrays)
-            if after_round is not None:
-                after_round(t, arrays)
-        for slot, (up, down) in self.byte_totals().items():
-            log(INFO, "fedtune: slot %d: %d bytes up, %d bytes down", slot, up, down)
-        return arrays

@@ -1,0 +1,63 @@
+"""The round loop of the ServerApp: train, aggregate, evaluate, checkpoint, from any round.
+
+Flower's ``Strategy.start`` always begins at round 1; resuming needs a loop that can begin
+anywhere, so we run the same steps ourselves (no client-side evaluation: the server evaluates
+on the held-out split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from fedtune.fl.strategy import FedTuneStrategy
+
+
+def run_rounds(
+    strategy: FedTuneStrategy,
+    grid: Grid,
+    arrays: ArrayRecord,
+    *,
+    first_round: int,
+    num_rounds: int,
+    timeout: float,
+    evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
+    after_round: Callable[[int, ArrayRecord], None] | None = None,
+) -> ArrayRecord:
+    """Rounds ``first_round..num_rounds``: train, aggregate, evaluate, checkpoint.
+
+    Flower's ``Strategy.start`` always begins at round 1; resuming needs a loop that can
+    begin anywhere, so we run the same steps ourselves (no client-side evaluation: the
+    server evaluates on the held-out split).
+    """
+    if first_round == 1 and evaluate_fn is not None:
+        evaluate_fn(0, arrays)
+    for t in range(first_round, num_rounds + 1):
+        log(INFO, "")
+        log(INFO, "[ROUND %s/%s]", t, num_rounds)
+        messages = list(strategy.configure_train(t, arrays, ConfigRecord({}), grid))
+        replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        missing = sorted(set(strategy.issued) - {m.metadata.src_node_id for m in replies})
+        if missing:
+            slots = ", ".join(str(strategy.issued[n][0]) for n in missing)
+            log(
+                WARNING,
+                "round %d: no reply within round-timeout=%.0f s from %d of %d sampled nodes "
+                "(slots %s); going on without them",
+                *(t, timeout, len(missing), len(strategy.issued), slots),
+            )
+        new, _ = strategy.aggregate_train(t, replies)
+        if new is not None:
+            arrays = new
+        if evaluate_fn is not None:
+            evaluate_fn(t, arrays)
+        if after_round is not None:
+            after_round(t, arrays)
+    for slot, (up, down) in strategy.byte_totals().items():
+        log(INFO, "fedtune: slot %d: %d bytes up, %d bytes down", slot, up, down)
+    return arrays
