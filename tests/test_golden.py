@@ -18,7 +18,7 @@ import pytest
 from fedtune.simulate import Simulation, build_config
 
 RECORDED = {0: 1.0952, 1: 1.1417, 2: 0.6895, 3: 0.2683}  # held-out loss after each round
-TOL = 0.02
+TOL = 0.03
 
 
 def test_three_rounds_lower_the_held_out_loss_by_the_recorded_amount(tiny_run_config):
