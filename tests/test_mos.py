@@ -1,4 +1,4 @@
-"""MoS adapters (fedtune/adapters/mos.py): structure, equivalence with LoRA, export, FL checks."""
+"""MoS adapters (fedtune/adapters/mos/): structure, equivalence with LoRA, export, FL checks."""
 
 from __future__ import annotations
 

@@ -119,8 +119,8 @@ class Codec(abc.ABC):
     """
 
     name: ClassVar[str]
-    #: folded into the layout hash of every payload (``spec_hash``); set by
-    #: ``pipeline.build_codec`` so that MoS payloads built for other index lists are rejected
+    #: folded into the layout hash of every payload (``spec_hash``); set by ``pipeline.codec``
+    #: (``parts.codec(cfg, salt=...)``) so that MoS payloads for other index lists are rejected
     layout_salt: int = 0
     #: the decoder is bit-identical on every machine and thread count (integer / elementwise
     #: arithmetic, no BLAS sums), so clients can replay the server's round from payloads
