@@ -42,7 +42,8 @@ def diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def test_registry_lists_and_validates() -> None:
-    assert {"dense", "gaussian", "rademacher", "srht", "countsketch", "spsa"} <= set(codecs.names())
+    builtin = {"dense", "gaussian", "rademacher", "srht", "countsketch", "spsa", "topk"}
+    assert builtin <= set(codecs.names())
     c = codecs.get("srht", k=4096, coef_bits=8)
     assert isinstance(c, ProjectionCodec) and c.k == 4096
     with pytest.raises(RegistryError, match=r"allowed: .*coef_bits"):

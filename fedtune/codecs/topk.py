@@ -149,19 +149,21 @@ class TopKCodec(Codec):
 
     # --- encode -------------------------------------------------------------------------------
 
-    def select(self, x: torch.Tensor) -> torch.Tensor:
-        """Sorted global indices (int64, x's device) of the kept entries of flat fp32 ``x``."""
-        d = x.numel()
-        a = x.abs()
+    def select(self, a: torch.Tensor) -> torch.Tensor:
+        """Sorted global indices (int64, a's device) of the kept entries, given the flat
+        magnitudes ``a = |x|``: the k largest, ties at the threshold by lower index, no zeros."""
+        d = a.numel()
         k = self.k_of(d)
         if k >= d:
             return torch.nonzero(a > 0).view(-1)
-        t = torch.kthvalue(a, d - k + 1).values  # the k-th largest |x|
-        keep = a > t
-        if float(t) > 0:
-            need = k - int(keep.sum())
-            ties = torch.nonzero(a == t).view(-1)[:need]  # lowest indices first
-            keep[ties] = True
+        t = torch.kthvalue(a, d - k + 1).values  # the k-th largest |x| (exact, any d)
+        if float(t) == 0:
+            return torch.nonzero(a > 0).view(-1)  # fewer than k non-zeros: send those
+        keep = a >= t
+        extra = int(keep.sum()) - k
+        if extra > 0:  # ties at the threshold: keep the lowest indices
+            ties = torch.nonzero(a == t).view(-1)
+            keep[ties[len(ties) - extra :]] = False
         return torch.nonzero(keep).view(-1)
 
     def encode(self, delta: Any, key: int, *, round: int = 0, slot: int = 0) -> bytes:
@@ -169,8 +171,9 @@ class TopKCodec(Codec):
         flat = check_delta(delta)
         blocks = make_blocks(flat, _MAX_BLOCK)
         x = torch.cat([flat[n] for n in flat])
-        gidx = self.select(x)
+        gidx = self.select(x.abs())
         vals = x[gidx].cpu()
+        del x
         gidx_np = gidx.cpu().numpy()
         starts = np.cumsum([0] + [b.size for b in blocks])
         cuts = np.searchsorted(gidx_np, starts)
