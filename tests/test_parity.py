@@ -28,6 +28,7 @@ CASES = {
         "clip-norm": 1.0,
         "clip-mode": "median",
         "target-modules": "query,value",
+        "mos-r": 3,  # tiny-bert has 2 layers: r - p <= (e - p) * L
     },
 }
 
