@@ -5,12 +5,17 @@
 What ``flwr run`` alone does not do for us (see research/flower.md section 7):
 
 * validate the config and the data BEFORE starting anything, with a one-line message;
-* keep Flower's state in a project-local ``FLWR_HOME`` (``.flwr-home/``) with a federation
-  whose number of SuperNodes matches the number of clients;
+* keep Flower's state in a project-local ``FLWR_HOME`` (``.flwr-home/``), and size the
+  simulated federation (one SuperNode per client partition) with ``--federation-config``, as
+  Flower 1.42 asks (the ``options.`` fields of a SuperLink connection are deprecated);
 * stop the runtime from installing the app's dependencies into a fresh environment
   (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``: for torch that is a multi-GB download);
 * stop the background local SuperLink it leaves running, by its process group;
-* print the run's table from the metrics file the server wrote.
+* keep the terminal quiet: everything ``flwr run`` streams (Flower's banners, Ray's tips,
+  library warnings, load reports, the ClientApps' output) goes to ``runs/<run>/log.txt``; the
+  terminal shows fedtune's own lines, the strategy's warnings and errors
+  (:func:`fedtune.report.terminal_line`). ``--verbose`` or ``FEDTUNE_VERBOSE=1`` shows it all;
+* print the run's table, and where its plot, metrics, adapter and log are, once.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fedtune.config import Config, ConfigError, defaults_from_pyproject, load_toml
 
@@ -132,16 +138,22 @@ def _state(pid: int) -> str:
         return ""
 
 
-def write_federation(flwr_home: Path, num_supernodes: int, num_cpus: int) -> None:
+def write_federation(flwr_home: Path) -> None:
+    """Flower's connection config: the managed local SuperLink, and nothing else.
+
+    The federation's size and resources travel with the run (:func:`federation_config`), not
+    as ``options.`` fields here, which Flower 1.42 deprecates."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
-        "[superlink]\n"
-        'default = "local"\n\n'
-        "[superlink.local]\n"
-        'address = ":local:"\n'
-        f"options.num-supernodes = {num_supernodes}\n"
-        f"options.backend.client-resources.num-cpus = {num_cpus}\n"
-        "options.backend.client-resources.num-gpus = 0.0\n"
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    )
+
+
+def federation_config(num_supernodes: int, num_cpus: int, num_gpus: float = 0.0) -> str:
+    """``flwr run --federation-config`` value: SuperNodes and per-client resources of the run."""
+    return (
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus} "
+        f"client-resources-num-gpus={num_gpus!r}"
     )
 
 
@@ -184,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--app", default=str(ROOT))
     ap.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="show everything Flower, Ray and the libraries print (default: only in "
+        "runs/<run>/log.txt); also FEDTUNE_VERBOSE=1",
+    )
+    ap.add_argument(
         "--stop-grace",
         type=float,
         default=STOP_GRACE_S,
@@ -191,38 +210,60 @@ def main(argv: list[str] | None = None) -> int:
         "adapter; a ClientApp still running (a hanging client) is then stopped",
     )
     args = ap.parse_args(argv)
+    from fedtune import report
 
+    verbose = args.verbose or report.verbose_from_env()
+    # the preflight loads the model and data: its warnings and load report go to a temporary
+    # log that moves into the run folder once there is one (a config error leaves no folder)
+    fd, tmp_log = tempfile.mkstemp(prefix="fedtune-launch-", suffix=".log")
+    os.close(fd)
+    report.route_library_output(Path(tmp_log), verbose)
     try:
         overrides = parse_overrides(args.run_config)
         merged = {**defaults_from_pyproject(Path(args.app) / "pyproject.toml"), **overrides}
         from fedtune import parts, pipeline
 
+        if not verbose:
+            report.quiet_progress_bars()
         cfg = parts.load_config(merged, app_dir=args.app)
         # preflight: data and model problems surface here, as one line, before Flower starts
-
         fed = pipeline.federation(cfg)
         pipeline.workbench(cfg, fed)
     except (ConfigError, ValueError, OSError) as e:
+        report.close_log()
+        Path(tmp_log).unlink(missing_ok=True)
         print(f"fedtune: error: {e}", file=sys.stderr)
         return 2
 
     n_nodes = args.num_supernodes or len(fed.clients)
     if n_nodes > len(fed.clients):
+        report.close_log()
+        Path(tmp_log).unlink(missing_ok=True)
         print(
             f"fedtune: error: --num-supernodes {n_nodes} exceeds the {len(fed.clients)} client partitions",
             file=sys.stderr,
         )
         return 2
-    run_name = cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     out_dir = Path(cfg.output_dir)
     if not out_dir.is_absolute():
         out_dir = Path.cwd() / out_dir
-    overrides.update({"output-dir": str(out_dir), "run-name": run_name})
     if cfg.resume:
-        overrides["resume"] = str(Path(cfg.resume).resolve())
+        run_dir = Path(cfg.resume).resolve()
+        run_name = cfg.run_name or run_dir.name
+        overrides["resume"] = str(run_dir)
+    else:
+        from fedtune.metrics import create_run_dir
+
+        # the folder the ServerApp will open (it reuses one holding only log.txt): never an
+        # existing run's, so the metrics read at the end are this run's
+        base = cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+        run_dir = create_run_dir(out_dir, base)
+        run_name = run_dir.name
+    log_path = report.move_log(run_dir / report.LOG_NAME)
+    overrides.update({"output-dir": str(out_dir), "run-name": run_name})
     overrides.update(node_overrides(overrides, cfg, n_nodes))
     flwr_home = Path(args.flwr_home or ROOT / ".flwr-home" / run_name).resolve()
-    write_federation(flwr_home, n_nodes, args.num_cpus)
+    write_federation(flwr_home)
     override_file = flwr_home / f"run-config-{run_name}.toml"
     override_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in overrides.items()))
 
@@ -239,69 +280,125 @@ def main(argv: list[str] | None = None) -> int:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
     }
+    if verbose:
+        env["FEDTUNE_VERBOSE"] = "1"
     print(
-        f"fedtune: {len(fed.clients)} clients ({', '.join(fed.client_names)}), {n_nodes} SuperNodes"
+        f"fedtune: starting Flower's simulation: {n_nodes} SuperNodes, "
+        f"{args.num_cpus} CPUs each (Ray); log: {log_path}",
+        flush=True,
     )
     flwr = Path(sys.executable).with_name("flwr")
-    cmd = [str(flwr), "run", args.app, "local", "--stream", "--run-config", str(override_file)]
+    cmd = [
+        *(str(flwr), "run", args.app, "local", "--stream"),
+        *("--run-config", str(override_file)),
+        *("--federation-config", federation_config(n_nodes, args.num_cpus)),
+    ]
     stop_superlink(flwr_home)  # a SuperLink left from an earlier run would keep its old env
-    run_dir = Path(cfg.resume) if cfg.resume else out_dir / run_name
     try:
         start_superlink(flwr_home, http_port, control_port, env)
         returncode = run_flwr(
-            cmd, env, run_dir / "adapter" / "adapter_model.safetensors", args.stop_grace
+            cmd,
+            env,
+            run_dir / "adapter" / "adapter_model.safetensors",
+            args.stop_grace,
+            log=log_path,
+            verbose=verbose,
         )
     except RuntimeError as e:
         print(f"fedtune: error: {e}", file=sys.stderr)
         return 1
     finally:
         stop_superlink(flwr_home)
+        report.close_log()
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists() or not (run_dir / "adapter").exists():
+        tail = log_path.read_text(errors="replace").splitlines()[-25:] if log_path.exists() else []
         print(
-            f"fedtune: error: the run did not complete (flwr exit code {returncode}); see the log above",
+            "\n".join(tail)
+            + f"\nfedtune: error: the run did not complete (flwr exit code {returncode}); "
+            f"the end of {log_path} is above",
             file=sys.stderr,
         )
         return 1
-    from fedtune.metrics import MetricsLog, summary_table
-
-    print(summary_table(MetricsLog(metrics).rows()))
-    print(f"fedtune: metrics {metrics}\nfedtune: adapter {run_dir / 'adapter'}")
+    print(report.final_lines(run_dir))
     return 0
 
 
-def run_flwr(cmd: list[str], env: dict[str, str], done: Path, grace: float) -> int:
+def run_flwr(
+    cmd: list[str],
+    env: dict[str, str],
+    done: Path,
+    grace: float,
+    log: Path | None = None,
+    verbose: bool = False,
+) -> int:
     """Run ``flwr run`` and return its exit code, not waiting long for stuck ClientApps.
 
     Flower's simulation ends only when every running ClientApp has returned: one that hangs
     (or runs far past ``round-timeout``) would keep the finished run open as long. Once the
     server has written ``done`` (the final adapter) we wait ``grace`` seconds more, then stop
     ``flwr run``; the caller stops the SuperLink with the simulation and Ray under it.
+
+    With ``log``, every line ``flwr run`` prints goes to that file and the terminal gets only
+    :func:`fedtune.report.terminal_line` of it (every line when ``verbose``).
     """
     started = time.time()
-    proc = subprocess.Popen(cmd, env=env)
+    if log is None:
+        proc = subprocess.Popen(cmd, env=env)
+        pump = None
+    else:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0
+        )
+        assert proc.stdout is not None
+        pump = threading.Thread(
+            target=_pump, args=(proc.stdout, log, verbose), name="flwr-output", daemon=True
+        )
+        pump.start()
     finished_at = 0.0
-    while True:
-        try:
-            return proc.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(OSError):
-            if not finished_at and done.stat().st_mtime >= started:
-                finished_at = time.monotonic()
-        if finished_at and time.monotonic() - finished_at > grace:
-            print(
-                f"fedtune: the server finished, but the simulation is still waiting for a "
-                f"ClientApp after {grace:.0f} s (a client that hangs); stopping it",
-                file=sys.stderr,
-                flush=True,
-            )
-            proc.terminate()
+    try:
+        while True:
             try:
-                return proc.wait(timeout=10)
+                return proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                return proc.wait()
+                pass
+            with contextlib.suppress(OSError):
+                if not finished_at and done.stat().st_mtime >= started:
+                    finished_at = time.monotonic()
+            if finished_at and time.monotonic() - finished_at > grace:
+                print(
+                    f"fedtune: the server finished, but the simulation is still waiting for a "
+                    f"ClientApp after {grace:.0f} s (a client that hangs); stopping it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                proc.terminate()
+                try:
+                    return proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    return proc.wait()
+    finally:
+        if pump is not None:
+            pump.join(timeout=10)  # the rest of the output, once flwr has exited
+
+
+def _pump(stream: IO[bytes], log: Path, verbose: bool) -> None:
+    """Copy ``flwr run``'s output to ``log`` (colours stripped) and the terminal's share of it
+    to stdout, line by line, as it comes."""
+    from fedtune import report
+
+    t0 = time.monotonic()
+    with log.open("a", buffering=1) as f:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace")
+            # seconds since `flwr run` started: where the start-up time goes, read off the log
+            f.write(f"[{time.monotonic() - t0:7.1f} s] {report.strip_ansi(line)}")
+            if verbose:
+                sys.stdout.write(line)
+            elif (shown := report.terminal_line(line)) is not None:
+                sys.stdout.write(shown + "\n")
+            sys.stdout.flush()
 
 
 def start_superlink(

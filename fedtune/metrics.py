@@ -10,12 +10,15 @@ from typing import Any
 
 
 def create_run_dir(output_dir: str | Path, run_name: str = "") -> Path:
-    """A new, empty run folder. Never reuses a non-empty one: nothing the user had is overwritten."""
+    """A new, empty run folder. Never reuses a non-empty one: nothing the user had is overwritten.
+
+    A folder that holds only ``log.txt`` counts as empty: the launcher creates the run folder
+    and starts its log before the ServerApp opens the same folder."""
     root = Path(output_dir).expanduser()
     base = run_name or time.strftime("run-%Y%m%d-%H%M%S")
     path = root / base
     i = 1
-    while path.exists() and any(path.iterdir()):
+    while path.exists() and any(p.name != "log.txt" for p in path.iterdir()):
         path = root / f"{base}-{i}"
         i += 1
     path.mkdir(parents=True, exist_ok=True)
@@ -58,7 +61,7 @@ def human_bytes(n: float) -> str:
 
 
 def round_line(row: dict[str, Any]) -> str:
-    """``round   3 | train loss 0.8123 | held-out acc 0.6512 loss 0.8011 | up 12.3 KB down 1.2 MB``."""
+    """``round   3 | train loss 0.8123 | held-out acc 0.6512 loss 0.8011 | up 12.3 KB down 1.2 MB | 41.2 s``."""
 
     def f(v: Any, spec: str) -> str:
         return (
@@ -76,6 +79,7 @@ def round_line(row: dict[str, Any]) -> str:
         f"round {row['round']:>3} | train loss {f(row.get('train-loss'), '.4f')} | "
         f"held-out {metric} loss {f(row.get('test-loss'), '.4f')} | "
         f"up {human_bytes(row.get('bytes-up', 0))} down {human_bytes(row.get('bytes-down', 0))}"
+        + (f" | {row['seconds']:.1f} s" if row.get("seconds") is not None else "")
         + (f" | dropped {row['dropped-replies']}" if row.get("dropped-replies") else "")
         + (" | SKIPPED (too few valid replies)" if row.get("skipped") else "")
     )
@@ -95,6 +99,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         "held-out loss",
         "bytes up",
         "bytes down",
+        "seconds",
     ):
         t.add_column(col, justify="right")
 
@@ -109,6 +114,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             f(r.get("test-loss"), ".4f"),
             str(r.get("bytes-up", 0)),
             str(r.get("bytes-down", 0)),
+            f(r.get("seconds"), ".1f"),
         )
     console = Console(record=True, width=120)
     with console.capture() as cap:

@@ -3,23 +3,26 @@
 ``runs/<run>/`` holds ``config.json``, ``metrics.jsonl`` (one row per round, round 0 = the
 initial adapter), ``checkpoint/`` (the whole server state after the last round, so a run
 resumes bit-identically), ``generations.jsonl`` (causal LM), and at the end the PEFT
-``adapter/`` and ``bytes-per-client.json``. Both entry points write the same files through
-this class; neither knows the other. Nothing here imports Flower.
+``adapter/``, ``bytes-per-client.json`` and ``curves.png`` (:mod:`fedtune.report`); ``log.txt``
+holds what libraries printed. Each metrics row has the round's wall ``seconds``. Both entry
+points write the same files through this class; neither knows the other. Nothing here
+imports Flower.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedtune import adapters, checkpoint, pipeline
+from fedtune import adapters, checkpoint, pipeline, report
 from fedtune.config import Config
-from fedtune.metrics import MetricsLog, create_run_dir, round_line, summary_table
+from fedtune.metrics import MetricsLog, create_run_dir, round_line
 from fedtune.round import ServerRound
 
 Tensors = dict[str, torch.Tensor]
@@ -43,6 +46,7 @@ class RunFolder:
             self.path = create_run_dir(cfg.output_dir, cfg.run_name)
         (self.path / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2))
         self.metrics = MetricsLog(self.path / "metrics.jsonl")
+        self._mark = time.monotonic()  # end of the previous row: a round's seconds start here
 
     def start(self, server_round: ServerRound, initial: Tensors) -> tuple[Tensors, int]:
         """(state, first round): the initial adapter, or the checkpoint's state with the round's
@@ -61,16 +65,12 @@ class RunFolder:
             self.metrics.truncate_after(self.ck.round)  # rows after the checkpoint are redone
             self.echo(f"fedtune: resuming {self.path} after round {self.ck.round}")
         fed = pipeline.federation(self.cfg)
-        self.echo(
-            f"fedtune: run folder {self.path}; {len(fed.clients)} clients: "
-            + ", ".join(fed.client_names)
-        )
         n_params = sum(t.numel() for t in initial.values())
-        self.echo(f"fedtune: {self.cfg.adapter} adapter: {n_params} trainable parameters")
-        self.echo(
-            "fedtune: majority-class baseline on the held-out split: "
-            f"{pipeline.majority_baseline(fed):.4f}"
-        )
+        for line in report.header_lines(
+            self.cfg, fed.client_names, n_params, pipeline.majority_baseline(fed), self.path
+        ):
+            self.echo(line)
+        self._mark = time.monotonic()  # round 0's seconds: the initial evaluation only
         return state, first
 
     def evaluate(
@@ -80,8 +80,17 @@ class RunFolder:
         stats: Mapping[str, Any],
         residual: Tensors | None = None,
     ) -> dict[str, Any]:
-        """Held-out metrics of ``state``, appended with the round's ``stats`` as one row."""
+        """Held-out metrics of ``state``, appended with the round's ``stats`` as one row.
+
+        ``seconds`` is the round's wall time: from the end of the previous row (or of
+        :meth:`start`) to now, so it covers sampling, client training, transport,
+        aggregation, checkpointing and this evaluation; ``eval-seconds`` is the evaluation
+        alone and ``wait-seconds`` (from ``stats``, when the entry point measures it) the time
+        spent waiting for the clients' replies.
+        """
+        t_eval = time.monotonic()
         res = pipeline.evaluate_state(self.cfg, dict(state), residual=residual)
+        now = time.monotonic()
         row = {
             "round": server_round,
             "train-loss": stats.get("train-loss", math.nan),
@@ -91,7 +100,11 @@ class RunFolder:
             "valid-replies": stats.get("valid-replies", 0),
             "dropped-replies": stats.get("dropped-replies", 0),
             "skipped": stats.get("skipped", False),
+            "seconds": round(now - self._mark, 3),
+            "eval-seconds": round(now - t_eval, 3),
         }
+        if "wait-seconds" in stats:
+            row["wait-seconds"] = round(float(stats["wait-seconds"]), 3)
         self.metrics.append(row)
         self.echo(f"fedtune: {round_line(row)}")
         if self.cfg.task == "causal-lm":  # a few greedy answers per round, to read progress
@@ -100,6 +113,7 @@ class RunFolder:
                 for prompt, answer in samples:
                     line = {"round": server_round, "prompt": prompt, "answer": answer}
                     f.write(json.dumps(line) + "\n")
+        self._mark = time.monotonic()
         return row
 
     def save(self, server_round: int, state: Mapping[str, torch.Tensor], sr: ServerRound) -> None:
@@ -124,11 +138,13 @@ class RunFolder:
         byte_totals: Mapping[int, tuple[int, int]],
         residual: Tensors | None = None,
     ) -> None:
-        """Export the PEFT adapter, the per-client byte totals and print the summary table."""
+        """Export the PEFT adapter, the per-client byte totals and ``curves.png``.
+
+        The summary table is not echoed here: the entry point prints it once, with the paths
+        (:func:`fedtune.report.final_lines`), where the user reads it."""
         wb = pipeline.workbench(self.cfg, pipeline.federation(self.cfg))
         adapters.load_trainable_state(wb.model, dict(state))
         wb.adapter.export_peft(wb.model, self.path / "adapter")
-        self.echo(f"fedtune: final adapter (PEFT format) saved to {self.path / 'adapter'}")
         totals = {
             str(slot): {"bytes-up": up, "bytes-down": down}
             for slot, (up, down) in sorted(byte_totals.items())
@@ -139,4 +155,9 @@ class RunFolder:
 
             path = exact.save_residual(self.path / "adapter", residual)
             self.echo(f"fedtune: exact mode: add {path} to the base weights before loading it")
-        self.echo("\n" + summary_table(self.metrics.rows()))
+        report.plot_curves(
+            self.metrics.rows(),
+            self.path / report.PLOT_NAME,
+            title=f"{self.cfg.model} + {self.cfg.adapter}, codec {self.cfg.codec}, "
+            f"merger {self.cfg.merger} ({self.path.name})",
+        )

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,7 @@ class Simulation:
         n = len(self.fed.clients)
         picks = rnd_.sample(self.cfg.seed, t, n, self.cfg.fraction_train, self.cfg.min_train_nodes)
         down = _state_bytes(state) + (_state_bytes(self.round.residual) if self.round.residual else 0)
+        t0 = time.monotonic()  # the clients' share of the round (they run one after another)
         updates, dropped, up0 = [], {}, self._total_up()
         for slot in picks:
             self._count(slot, down=down)
@@ -91,6 +95,7 @@ class Simulation:
             except (ValueError, KeyError, TypeError, faults.InjectedFault) as e:
                 dropped[slot] = f"{type(e).__name__}: {e}"
                 self.echo(f"fedtune: round {t}: dropped reply of slot {slot}: {dropped[slot]}")
+        wait = time.monotonic() - t0
         res = self.round(t, state, updates)
         for slot, why in res.dropped:
             self.echo(f"fedtune: round {t}: dropped update of slot {slot}: {why}")
@@ -103,6 +108,7 @@ class Simulation:
             "valid-replies": len(res.applied),
             "dropped-replies": len(dropped) + len(res.dropped),
             "skipped": res.skipped,
+            "wait-seconds": wait,
         }
         return res, stats
 
@@ -159,19 +165,39 @@ def main(argv: list[str] | None = None) -> int:
         "--run-config", "-c", action="append", default=[], help="key=value pairs or a TOML file"
     )
     ap.add_argument("--app", default=str(ROOT), help="the app folder (plug-in paths start here)")
+    ap.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="show library warnings and load reports (default: runs/<run>/log.txt only); "
+        "also FEDTUNE_VERBOSE=1",
+    )
     args = ap.parse_args(argv)
-    pipeline.quiet_libraries()
+    from fedtune import report
+
+    verbose = args.verbose or report.verbose_from_env()
+    # loading the model and data warns before the run folder exists: log to a temporary
+    # file first, then move it into the folder
+    fd, tmp_log = tempfile.mkstemp(prefix="fedtune-simulate-", suffix=".log")
+    os.close(fd)
+    report.route_library_output(Path(tmp_log), verbose)
+    if not verbose:
+        report.quiet_progress_bars()
     try:
         cfg = build_config(args.run_config, args.app)
         sim = Simulation(cfg)
     except (ConfigError, ValueError, OSError) as e:
+        report.close_log()
+        Path(tmp_log).unlink(missing_ok=True)
         print(f"fedtune: error: {e}", file=sys.stderr)
         return 2
-    sim.run()
-    print(f"fedtune: metrics {sim.folder.path / 'metrics.jsonl'}")
-    print(f"fedtune: adapter {sim.folder.path / 'adapter'}")
+    report.move_log(sim.folder.path / report.LOG_NAME)
+    try:
+        sim.run()
+    finally:
+        report.close_log()
+    print(report.final_lines(sim.folder.path))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

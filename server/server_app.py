@@ -41,6 +41,7 @@ def main(grid: Grid, context: Context) -> None:
     server_round = pipeline.server_round(cfg)
     state, first_round = folder.start(server_round, wb.initial)
     pending: dict[int, RoundStats] = {}
+    timings: dict[int, dict[str, float]] = {}  # run_rounds: how long each round waited for replies
     strategy = FedTuneStrategy(
         codec=pipeline.codec(cfg),
         server_round=server_round,
@@ -65,6 +66,7 @@ def main(grid: Grid, context: Context) -> None:
             "valid-replies": s.valid,
             "dropped-replies": len(s.dropped),
             "skipped": s.skipped,
+            **timings.pop(t, {}),
         }
         row = folder.evaluate(t, record_to_state(arrays), stats, server_round.residual)
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, int | float)})
@@ -78,5 +80,6 @@ def main(grid: Grid, context: Context) -> None:
         timeout=cfg.round_timeout,
         evaluate_fn=evaluate,
         after_round=lambda t, arrays: folder.save(t, record_to_state(arrays), server_round),
+        timings=timings,
     )
     folder.finish(record_to_state(final), strategy.byte_totals(), server_round.residual)

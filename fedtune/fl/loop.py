@@ -7,6 +7,7 @@ on the held-out split).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from logging import INFO, WARNING
 from typing import Any
@@ -28,12 +29,15 @@ def run_rounds(
     timeout: float,
     evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
     after_round: Callable[[int, ArrayRecord], None] | None = None,
+    timings: dict[int, dict[str, float]] | None = None,
 ) -> ArrayRecord:
     """Rounds ``first_round..num_rounds``: train, aggregate, evaluate, checkpoint.
 
     Flower's ``Strategy.start`` always begins at round 1; resuming needs a loop that can
     begin anywhere, so we run the same steps ourselves (no client-side evaluation: the
-    server evaluates on the held-out split).
+    server evaluates on the held-out split). ``timings[t]["wait-seconds"]`` (filled before
+    ``evaluate_fn(t, ...)`` runs) is how long round ``t`` waited for the clients' replies:
+    their training plus transport; the rest of the round is the server's own time.
     """
     if first_round == 1 and evaluate_fn is not None:
         evaluate_fn(0, arrays)
@@ -41,13 +45,16 @@ def run_rounds(
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", t, num_rounds)
         messages = list(strategy.configure_train(t, arrays, ConfigRecord({}), grid))
+        t0 = time.monotonic()
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        if timings is not None:
+            timings[t] = {"wait-seconds": time.monotonic() - t0}
         missing = sorted(set(strategy.issued) - {m.metadata.src_node_id for m in replies})
         if missing:
             slots = ", ".join(str(strategy.issued[n][0]) for n in missing)
             log(
                 WARNING,
-                "round %d: no reply within round-timeout=%.0f s from %d of %d sampled nodes "
+                "fedtune: round %d: no reply within round-timeout=%.0f s from %d of %d sampled nodes "
                 "(slots %s); going on without them",
                 *(t, timeout, len(missing), len(strategy.issued), slots),
             )
@@ -59,5 +66,7 @@ def run_rounds(
         if after_round is not None:
             after_round(t, arrays)
     for slot, (up, down) in strategy.byte_totals().items():
-        log(INFO, "fedtune: slot %d: %d bytes up, %d bytes down", slot, up, down)
+        # per slot: in the log (and bytes-per-client.json), not on the terminal, which a
+        # thousand clients would fill
+        log(INFO, "slot %d: %d bytes up, %d bytes down", slot, up, down)
     return arrays
