@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -21,8 +22,10 @@ from fedtune.fl.records import (
     train_inputs,
     train_residual,
 )
+from fedtune.fl.secagg import is_secure, maybe_secaggplus, secure_reply
 
-app = ClientApp()
+# SecAgg+ train messages go through Flower's secaggplus_mod; all others reach the app as is
+app = ClientApp(mods=[maybe_secaggplus])
 APP_DIR = Path(__file__).resolve().parents[1]  # the unpacked Flower app: plug-in paths start here
 
 
@@ -74,8 +77,39 @@ def train(msg: Message, context: Context) -> Message:
     )
     if ef is not None:
         context.state["error-feedback"] = state_to_record(ef.state_dict())
+    dp = _client_dp(config)  # distributed DP / SecAgg: clip (and noise) before anything leaves
+    key, t, slot = key_from_config(config), config_int(config, "server-round"), config_int(config, "slot")
+    if is_secure(msg):
+        from fedtune.privacy.client import secure_vector
+
+        c = float(config["secagg-clip-range"])  # type: ignore[arg-type]
+        vec = secure_vector(pipeline.codec(cfg), payload, global_state, dp, key=key, clip_range=c)
+        weight = 1.0 if cfg.dp != "none" else metrics["num-examples"]
+        return Message(content=secure_reply(vec, weight, metrics), reply_to=msg)
+    if dp is not None:
+        from fedtune.privacy.client import privatize_payload
+
+        payload, extra = privatize_payload(
+            pipeline.codec(cfg), payload, global_state, dp, key=key, server_round=t, slot=slot
+        )
+        metrics = {**metrics, **extra}
     content = RecordDict({"arrays": payload_to_record(payload), "metrics": metrics_record(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+def _client_dp(config: Any) -> Any:
+    """The round's :class:`fedtune.privacy.ClientDP` from the train config (None: nothing
+    to do here, the server clips and adds the noise)."""
+    if "dp-clip" not in config:
+        return None
+    from fedtune.privacy import ClientDP
+
+    return ClientDP(
+        clip=float(config["dp-clip"]),
+        noise_std=float(config.get("dp-noise-std", 0.0)),
+        bit_std=float(config.get("dp-bit-std", 0.0)),
+        seeded=bool(config.get("dp-seeded", False)),
+    )
 
 
 @app.query()

@@ -329,6 +329,95 @@ class Config:
         hi=1.0,
         what="a cosine in [-1, 1]",
     )
+    # --- privacy (issue 19; fedtune/privacy/, docs/privacy.md) ---------------------------
+    dp: Literal["none", "central", "distributed"] = key(
+        "none",
+        "user-level DP-FedAvg (McMahan et al. 2018): 'central' (the server clips each update "
+        "and adds Gaussian noise z*C to the sum) or 'distributed' (each client clips and adds "
+        "its share of the noise); clients are then Poisson-sampled with probability "
+        "fraction-train, as the accountant assumes (docs/privacy.md)",
+        group="privacy: differential privacy and secure aggregation (docs/privacy.md)",
+    )
+    dp_noise_multiplier: float = key(
+        1.0,
+        "z: the noise's standard deviation over the clip norm (with adaptive clipping, of "
+        "the update and the clipped count together)",
+        lo=0.0,
+        what="a non-negative number",
+    )
+    dp_clip_norm: float = key(
+        1.0,
+        "C: each client's update (a linear codec's scaled coefficients, else its parameters) "
+        "is clipped to this L2 norm; with dp-target-quantile, the initial C",
+        lo=1e-12,
+        what="a positive norm",
+    )
+    dp_target_quantile: float = key(
+        0.0,
+        "adaptive clipping (Andrew et al. 2021): the fraction of updates to leave unclipped "
+        "(0 = fixed clipping at dp-clip-norm)",
+        lo=0.0,
+        hi=0.99,
+        what="0 (fixed) or a quantile in (0, 0.99]",
+    )
+    dp_clip_lr: float = key(
+        0.2,
+        "adaptive clipping's step eta_C: C <- C * exp(-eta_C (unclipped fraction - quantile))",
+        lo=1e-6,
+        hi=10.0,
+        what="a step in (0, 10]",
+    )
+    dp_delta: float = key(
+        0.0,
+        "delta of the reported (epsilon, delta) (0 = 1 / number of clients)",
+        lo=0.0,
+        hi=0.1,
+        what="0 (1/N) or a probability in (0, 0.1]",
+    )
+    dp_target_epsilon: float = key(
+        0.0,
+        "stop the run before a round that would spend more than this epsilon (0 = never)",
+        lo=0.0,
+        what="0 (off) or a positive epsilon",
+    )
+    dp_accountant: Literal["rdp", "pld"] = key(
+        "rdp", "dp-accounting's RDP accountant or its (tighter) PLD accountant"
+    )
+    dp_dropout_tolerance: float = key(
+        0.0,
+        "distributed DP: each of m sampled clients adds noise for ceil((1 - this) m) "
+        "survivors, so the sum still carries the full noise when up to this fraction drop; "
+        "a round with fewer survivors is skipped",
+        lo=0.0,
+        hi=0.9,
+        what="a fraction in [0, 0.9]",
+    )
+    dp_seeded_noise: bool = key(
+        False,
+        "derive the DP noise from the run seed (reproducible studies; NOT private against "
+        "anyone who knows the seed); default: fresh keys from the OS",
+    )
+    secagg: Literal["none", "secaggplus"] = key(
+        "none",
+        "'secaggplus': Flower's SecAgg+ (secaggplus_mod on the clients): the server learns "
+        "only the sum of the quantized updates (dense or a linear codec such as subspace; "
+        "linear mergers only, no screens)",
+    )
+    secagg_threshold: float = key(
+        0.6,
+        "SecAgg+: fraction of the sampled clients whose secret shares rebuild the masks; a "
+        "round with fewer survivors fails and nothing is applied",
+        lo=0.01,
+        hi=1.0,
+        what="a fraction in (0, 1]",
+    )
+    secagg_clip_range: float = key(
+        0.0,
+        "SecAgg+: each coordinate is clipped to +-this before quantization to 2^22 levels "
+        "(0 = dp-clip-norm, which bounds every coordinate; required without dp)",
+        lo=0.0,
+        what="0 (dp-clip-norm) or a positive range",
+    )
     # Options of the methods: run-config keys ``<prefix><option>``, as (name, value) pairs,
     # sorted: tuples keep the config hashable (it keys per-process caches). ``options`` lists
     # the keys declared in pyproject.toml (value ""): flwr run overrides only declared keys,
@@ -546,12 +635,45 @@ def _check_consistency(cfg: Config) -> None:
             "rejection is relative to the clip bound; set clip-norm, e.g. clip-norm=1 "
             "clip-mode='median'"
         )
+    _check_privacy(cfg)
     if not cfg.targets:
         raise ConfigError("run-config key 'target-modules' is empty; give e.g. 'query,value'")
     if cfg.partitioning == "natural" and cfg.dataset == "file" and not cfg.client_column:
         raise ConfigError(
             "run-config key 'partitioning' is 'natural' but 'client-column' is empty; "
             "name the column that holds each row's client, or use partitioning='iid'/'dirichlet'"
+        )
+
+
+def _check_privacy(cfg: Config) -> None:
+    """The dp-* / secagg* keys among themselves and against plain keys (methods: parts.py)."""
+    if cfg.dp == "none":
+        for k in ("dp_target_quantile", "dp_target_epsilon", "dp_dropout_tolerance"):
+            if getattr(cfg, k):
+                raise ConfigError(
+                    f"run-config key '{k.replace('_', '-')}' is set but dp='none'; set "
+                    "dp='central' or dp='distributed'"
+                )
+        if cfg.secagg != "none" and cfg.secagg_clip_range <= 0:
+            raise ConfigError(
+                "run-config key 'secagg-clip-range' is 0 but dp='none': SecAgg quantizes each "
+                "coordinate within +-secagg-clip-range, so give a bound (e.g. 0.1), or use dp"
+            )
+        return
+    if cfg.clip_norm > 0:
+        raise ConfigError(
+            f"run-config key 'clip-norm' is {cfg.clip_norm:g} but dp={cfg.dp!r} clips with "
+            "dp-clip-norm; set clip-norm=0"
+        )
+    if cfg.dp == "central" and cfg.dp_dropout_tolerance:
+        raise ConfigError(
+            "run-config key 'dp-dropout-tolerance' applies to dp='distributed' only (central "
+            "noise does not depend on who survives)"
+        )
+    if cfg.dp_target_epsilon and cfg.dp_noise_multiplier <= 0:
+        raise ConfigError(
+            "run-config key 'dp-target-epsilon' is set but dp-noise-multiplier is 0: without "
+            "noise epsilon is infinite after one round"
         )
 
 

@@ -183,9 +183,60 @@ def screens(cfg: Config) -> list[Any]:
     return out
 
 
-def server_round(cfg: Config, *, exact: Any = None) -> ServerRound:
+def dp_spec(cfg: Config, num_clients: int) -> Any:
+    """The run's :class:`fedtune.privacy.DPSpec` (None when ``dp='none'``); ``num_clients`` is
+    the federation's size n (the accountant's population, the estimator's ``q·n``)."""
+    if cfg.dp == "none":
+        return None
+    from fedtune.privacy import DPSpec
+
+    if num_clients < 1:
+        raise ConfigError(f"dp={cfg.dp!r} needs the number of clients, got {num_clients}")
+    return DPSpec(
+        mode=cfg.dp,
+        noise_multiplier=cfg.dp_noise_multiplier,
+        clip_norm=cfg.dp_clip_norm,
+        num_clients=num_clients,
+        q=cfg.fraction_train,
+        delta=cfg.dp_delta or 1.0 / num_clients,
+        target_quantile=cfg.dp_target_quantile,
+        clip_lr=cfg.dp_clip_lr,
+        target_epsilon=cfg.dp_target_epsilon,
+        accountant=cfg.dp_accountant,
+        dropout_tolerance=cfg.dp_dropout_tolerance,
+        seeded_noise=cfg.dp_seeded_noise,
+        run_seed=cfg.seed,
+    )
+
+
+def privacy(cfg: Config, codec: Any, like: Any, num_clients: int) -> tuple[Any, Any]:
+    """(the DP mechanism or None, the vector space of the codec or None) of a run."""
+    if cfg.dp == "none" and cfg.secagg == "none":
+        return None, None
+    from fedtune.privacy import DPFedAvg, Space
+
+    spec = dp_spec(cfg, num_clients)
+    dp = None
+    if spec is not None:
+        try:
+            dp = DPFedAvg(spec)
+        except ValueError as e:
+            raise ConfigError(f"run-config key 'dp-noise-multiplier': {e}") from None
+    return dp, Space(codec, like)
+
+
+def server_round(
+    cfg: Config,
+    *,
+    exact: Any = None,
+    codec: Any = None,
+    like: Any = None,
+    num_clients: int = 0,
+) -> ServerRound:
     """The server's round with every configured step (screens, clip, merge, server optimizer,
-    and in exact mode the FedEx-LoRA residual ``exact``)."""
+    and in exact mode the FedEx-LoRA residual ``exact``); with ``dp`` / ``secagg`` also the
+    mechanism and the vector space of ``codec`` over the layout ``like``."""
+    dp, space = privacy(cfg, codec, like, num_clients)
     return ServerRound(
         merger=merger(cfg),
         server_opt=server_opt(cfg),
@@ -194,6 +245,8 @@ def server_round(cfg: Config, *, exact: Any = None) -> ServerRound:
         screens=screens(cfg),
         exact=exact,
         min_valid=cfg.min_train_nodes,
+        dp=dp,
+        space=space,
     )
 
 
@@ -259,6 +312,59 @@ def validate(cfg: Config) -> None:
         _check_exact(cfg, built["merger"], built["server-opt"])
     if cfg.downlink != "dense":
         _check_downlink(cfg, built["codec"], built["merger"], built["server-opt"])
+    if cfg.dp != "none" or cfg.secagg != "none":
+        _check_privacy(cfg, built["codec"], built["merger"])
+
+
+def _check_privacy(cfg: Config, c: Any, m: Any) -> None:
+    """DP bounds the sensitivity of a *sum* of clipped updates, and SecAgg releases only that
+    sum: so the merge must be linear, nothing may look at single updates, and distributed
+    noise or a secure sum needs a codec whose coefficients add up (fedtune/privacy/space.py)."""
+    what = " and ".join(
+        x for x in (f"dp={cfg.dp!r}" if cfg.dp != "none" else "", "secagg='secaggplus'"
+                    if cfg.secagg != "none" else "") if x
+    )  # fmt: skip
+    if not getattr(m, "linear", False):
+        linear = [n for n in merging.names() if getattr(merging.MERGERS.factory(n), "linear", False)]
+        raise ConfigError(
+            f"run-config key 'merger' is {cfg.merger!r}, which is not linear, but {what} "
+            f"bounds only a sum of clipped updates (its sensitivity is unbounded otherwise); "
+            f"use one of: {', '.join(linear)}"
+        )
+    if cfg.robust_filter != "none":
+        raise ConfigError(
+            f"run-config key 'robust-filter' is {cfg.robust_filter!r} but {what} cannot screen "
+            "single updates (DP: a screen's decision depends on one client; SecAgg: the server "
+            "never sees one); use robust-filter='none'"
+        )
+    if cfg.secagg != "none" and cfg.clip_norm > 0:
+        raise ConfigError(
+            "run-config key 'clip-norm' is set but under secagg the server never sees a single "
+            "update to clip; use dp with dp-clip-norm (clients clip themselves) or clip-norm=0"
+        )
+    if cfg.factor_mode == "exact":
+        raise ConfigError(
+            f"run-config key 'factor-mode' is 'exact' but {what}: the FedEx-LoRA residual needs "
+            "every client's factors, not a (noised) sum; use 'factors' or 'ffa'"
+        )
+    if cfg.downlink != "dense":
+        raise ConfigError(
+            f"run-config key 'downlink' is {cfg.downlink!r} but {what}: clients cannot replay a "
+            "round whose noise or sum they never saw; use downlink='dense'"
+        )
+    client_side = cfg.dp == "distributed" or cfg.secagg != "none"
+    if client_side and not getattr(c, "linear", False):
+        ok = [n for n in codecs.names() if getattr(codecs.REGISTRY.factory(n), "linear", False)]
+        raise ConfigError(
+            f"run-config key 'codec' is {cfg.codec!r} but {what} sums the clients' vectors "
+            f"before the server decodes, which needs a codec with a shared linear basis: "
+            f"{', '.join(ok)} (per-client keys put each update in its own subspace)"
+        )
+    if client_side and cfg.error_feedback:
+        raise ConfigError(
+            f"run-config key 'error-feedback' is true but with {what} the client sends a "
+            "clipped (and noised) vector that error feedback does not model; set it to false"
+        )
 
 
 def _check_exact(cfg: Config, m: Any, opt: Any) -> None:

@@ -216,4 +216,13 @@ def server_round(cfg: Config) -> ServerRound:
         from fedtune.adapters import exact
 
         ex = exact.ExactResidual(exact.exact_layers(workbench(cfg, federation(cfg)).model))
-    return parts.server_round(cfg, exact=ex)
+    if cfg.dp == "none" and cfg.secagg == "none":
+        return parts.server_round(cfg, exact=ex)
+    fed = federation(cfg)  # DP and SecAgg act on the codec's vectors; DP counts the clients
+    return parts.server_round(
+        cfg,
+        exact=ex,
+        codec=codec(cfg),
+        like=workbench(cfg, fed).initial,
+        num_clients=len(fed.clients),
+    )

@@ -8,6 +8,12 @@
                          ─▶ θ_{t+1} = server_opt(θ_t, merged)
                          ─▶ exact mode: residual += Σ w B_k A_k − B̄ Ā (FedEx-LoRA)
 
+With ``dp`` (fedtune/privacy) the clip and merge steps are DP-FedAvg's instead: each update's
+vector in the round's space (a linear codec's K coefficients, else the d parameters) is
+clipped to C_t, the sum gets Gaussian noise, the estimate ``S / (q·n)`` is reconstructed once
+and handed to the (linear) merger as one delta, then the server optimizer as above. Under
+SecAgg the round receives that sum (:class:`SecureSum`) instead of the clients' updates.
+
 The Flower strategy (:mod:`fedtune.fl.strategy`), the client's replay of a round from
 payloads (:mod:`fedtune.downlink`) and the in-process simulator (:mod:`fedtune.simulate`) all
 call this module; none of them re-implements a step. Who takes part and with which key
@@ -43,9 +49,25 @@ def merge_key(run_seed: int, server_round: int) -> int:
     return rng.derive_key(run_seed, server_round, _MERGE_TAG)
 
 
-def sample(run_seed: int, server_round: int, n: int, fraction: float, min_nodes: int) -> list[int]:
+def sample(
+    run_seed: int,
+    server_round: int,
+    n: int,
+    fraction: float,
+    min_nodes: int,
+    *,
+    poisson: bool = False,
+) -> list[int]:
     """Indices (into the slot-sorted list of ``n`` connected clients) trained this round:
-    ``max(⌊n·fraction⌋, min_nodes)`` of them, keyed and reproducible, in slot order."""
+    ``max(⌊n·fraction⌋, min_nodes)`` of them, keyed and reproducible, in slot order.
+
+    ``poisson=True`` (any ``dp``): each client independently with probability ``fraction``
+    (a keyed uniform below it), no minimum: the sampling the DP accountant assumes."""
+    if poisson:
+        if fraction >= 1.0:
+            return list(range(n))
+        u = rng.uniform(rng.derive_key(run_seed, server_round, _SAMPLE_TAG), 1, n)
+        return [i for i in range(n) if float(u[i]) < fraction]
     k = min(n, max(int(n * fraction), min_nodes))
     if k >= n:
         return list(range(n))
@@ -92,6 +114,19 @@ class Update:
     weight: float  # merge weight (num-examples)
     loss: float = math.nan  # the client's mean training loss
     payload: bytes = b""  # what it sent (kept for the compact downlink)
+    clip_bit: float = math.nan  # distributed DP, adaptive clipping: its noised 1[‖u‖ <= C]
+
+
+@dataclass
+class SecureSum:
+    """What a SecAgg round hands the server: only the weighted mean of the contributors'
+    vectors ``v_i = [u_i, b_i]`` (``u_i`` in the round's space, ``b_i`` the clip bit), their
+    total weight, and per contributor its slot, weight and training loss (from its metrics)."""
+
+    mean: torch.Tensor
+    weight: float
+    contributors: list[tuple[int, float, float]]  # (slot, weight, train loss)
+    sampled: int
 
 
 @dataclass
@@ -107,6 +142,7 @@ class RoundResult:
     update_norm: float = 0.0
     merge_key: int = 0
     notes: list[str] = field(default_factory=list)  # lines worth logging (scores, residual)
+    privacy: dict[str, float] = field(default_factory=dict)  # dp-epsilon, ... (metrics.jsonl)
 
     @property
     def num_examples(self) -> int:
@@ -246,6 +282,8 @@ class ServerRound:
         screens: Sequence[Screen] = (),
         exact: Any = None,
         min_valid: int = 1,
+        dp: Any = None,
+        space: Any = None,
     ) -> None:
         self.merger = merger
         self.server_opt = server_opt
@@ -255,20 +293,37 @@ class ServerRound:
         # factor-mode='exact': a fedtune.adapters.exact.ExactResidual (FedEx-LoRA), else None
         self.exact = exact
         self.min_valid = min_valid
+        # dp: a fedtune.privacy.DPFedAvg or None; space: the fedtune.privacy.Space its
+        # vectors (and SecAgg's sums) live in
+        self.dp = dp
+        self.space = space
+
+    def budget_exhausted(self) -> bool:
+        """True when the next round would spend more than ``dp-target-epsilon``."""
+        return self.dp is not None and bool(self.dp.exhausted())
 
     @property
     def direction_filter(self) -> DirectionFilter | None:
         return next((s for s in self.screens if isinstance(s, DirectionFilter)), None)
 
     def __call__(
-        self, server_round: int, state: Mapping[str, torch.Tensor], updates: Sequence[Update]
+        self,
+        server_round: int,
+        state: Mapping[str, torch.Tensor],
+        updates: Sequence[Update],
+        *,
+        secure: SecureSum | None = None,
+        sampled: int | None = None,
     ) -> RoundResult:
         """Screens, clip, merge, server optimizer and (exact mode) the residual, in slot order
-        (arrival order varies between runs; the result must not)."""
+        (arrival order varies between runs; the result must not). With DP or a SecAgg sum
+        the private path below (``sampled``: how many clients were asked)."""
         kept = sorted(updates, key=lambda u: u.slot)
         res = RoundResult(
             server_round, dict(state), merge_key=merge_key(self.run_seed, server_round)
         )
+        if self.dp is not None or secure is not None:
+            return self._private(res, state, kept, secure, sampled)
         for s in self.screens:
             out, notes = s.screen([u.delta for u in kept], [u.slot for u in kept])
             res.notes += notes
@@ -301,13 +356,76 @@ class ServerRound:
             res.notes.append(f"exact-mode residual increment norm {r_norm:.4g}")
         return res
 
+    def _private(
+        self,
+        res: RoundResult,
+        state: Mapping[str, torch.Tensor],
+        kept: list[Update],
+        secure: SecureSum | None,
+        sampled: int | None,
+    ) -> RoundResult:
+        """DP-FedAvg and/or a SecAgg sum: (clip, noise) -> estimate -> one reconstruction ->
+        the linear merger on that one delta -> server optimizer. fedtune.parts refused
+        screens, exact mode and non-linear mergers before round 1."""
+        t, space = res.round, self.space
+        if space is None:
+            raise ValueError("a private round needs the vector space of its codec")
+        dim = space.dim(t)
+        if secure is not None:
+            res.applied = [Update(s, {}, w, lo) for s, w, lo in secure.contributors]
+            if secure.mean.numel() != dim + 1:
+                raise ValueError(f"secure sum has {secure.mean.numel()} entries, want {dim + 1}")
+            if self.dp is None:
+                if len(res.applied) < self.min_valid:
+                    res.skipped = True
+                    res.notes.append(f"SecAgg: {len(res.applied)} contributors (< {self.min_valid})")
+                    return res
+                vec = secure.mean[:dim]
+            else:  # unit weights under DP: the mean times the count is the sum
+                total = secure.mean.double() * secure.weight
+                rel = self.dp.release(
+                    t,
+                    summed=total[:dim].float(),
+                    bit_sum=float(total[dim]),
+                    count=len(res.applied),
+                    sampled=secure.sampled,
+                    dim=dim,
+                )
+        else:
+            res.applied = kept
+            rel = self.dp.release(
+                t,
+                vectors=[space.vector(u.payload, u.delta) for u in kept],
+                bits=[u.clip_bit for u in kept],
+                sampled=sampled if sampled is not None else len(kept),
+                dim=dim,
+            )
+        if self.dp is not None:
+            res.privacy, res.factors = rel.info, rel.factors
+            if rel.note:
+                res.notes.append(rel.note)
+            if rel.vector is None:
+                res.skipped = True
+                return res
+            vec = rel.vector
+        est = space.delta(vec, t)
+        res.state, merged = apply_updates(
+            state, [est], [1.0], [1.0], merger=self.merger, server_opt=self.server_opt,
+            key=res.merge_key,
+        )  # fmt: skip
+        res.update_norm = math.sqrt(sum(float(x.double().pow(2).sum()) for x in merged.values()))
+        return res
+
     # ---------------------------------------------------------------- state across rounds
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must keep besides the adapter: optimizer, filter memory, residual."""
         f = self.direction_filter
+        extra: dict[str, Any] = {"direction-filter": f.state_dict()} if f is not None else {}
+        if self.dp is not None:  # accountant rounds and the adaptive clip norm
+            extra["privacy"] = self.dp.state_dict()
         return {
             "server_opt": self.server_opt.state_dict(),
-            "extra": {"direction-filter": f.state_dict()} if f is not None else {},
+            "extra": extra,
             "residual": dict(self.exact.residual) if self.exact is not None else {},
         }
 
@@ -318,6 +436,8 @@ class ServerRound:
             f.load_state_dict(sd.get("extra", {}).get("direction-filter", {}))
         if self.exact is not None:
             self.exact.load_state_dict(sd.get("residual", {}))
+        if self.dp is not None:
+            self.dp.load_state_dict(dict(sd.get("extra", {}).get("privacy", {})))
 
     @property
     def residual(self) -> Tensors | None:

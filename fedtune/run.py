@@ -100,6 +100,8 @@ class RunFolder:
             "valid-replies": stats.get("valid-replies", 0),
             "dropped-replies": stats.get("dropped-replies", 0),
             "skipped": stats.get("skipped", False),
+            # privacy spent and the mechanism's parameters (dp-epsilon, dp-clip-norm, ...)
+            **{k: v for k, v in stats.items() if k.startswith(("dp-", "secagg-"))},
             "seconds": round(now - self._mark, 3),
             "eval-seconds": round(now - t_eval, 3),
         }

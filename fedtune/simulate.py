@@ -59,9 +59,14 @@ class Simulation:
         self.error_feedback: dict[int, codecs.ErrorFeedback] = {}  # per client, as Context.state
         self.slot_bytes: dict[int, list[int]] = {}
         self.history: list[rnd_.RoundResult] = []
+        self._secure: list[tuple[int, torch.Tensor, dict[str, float]]] = []  # SecAgg's inputs
 
-    def client(self, slot: int, state: Tensors, t: int, key: int) -> rnd_.Update:
-        """One client's round as the ClientApp runs it, then decoded as the strategy does."""
+    def client(
+        self, slot: int, state: Tensors, t: int, key: int, dp: Any = None
+    ) -> rnd_.Update | torch.Tensor:
+        """One client's round as the ClientApp runs it, then decoded as the strategy does.
+        ``dp`` (a :class:`fedtune.privacy.ClientDP`): the client clips and noises itself; under
+        SecAgg the result is the vector it puts into the secure sum."""
         cfg = self.cfg
         faults.inject(cfg, slot, t)
         ef = None
@@ -77,26 +82,104 @@ class Simulation:
             error_feedback=ef,
             residual=self.round.residual,
         )
+        if cfg.secagg != "none":
+            from fedtune.privacy.client import secure_vector
+
+            v = secure_vector(self.codec, payload, self.wb.initial, dp, key=key, clip_range=self._range())
+            self._count(slot, up=4 * v.numel())  # int32 per coordinate, as secaggplus_mod sends
+            self._secure.append((slot, v, m))
+            return v
+        if dp is not None:
+            from fedtune.privacy.client import privatize_payload
+
+            payload, extra = privatize_payload(
+                self.codec, payload, self.wb.initial, dp, key=key, server_round=t, slot=slot
+            )
+            m = {**m, **extra}
         self._count(slot, up=_payload_bytes(payload))
         delta = rnd_.decode(self.codec, payload, self.wb.initial, key=key, server_round=t, slot=slot)
-        return rnd_.Update(slot, delta, m["num-examples"], m.get("train-loss", math.nan), payload)
+        return rnd_.Update(
+            slot,
+            delta,
+            m["num-examples"],
+            m.get("train-loss", math.nan),
+            payload,
+            clip_bit=m.get("dp-clip-bit", math.nan),
+        )
+
+    def _range(self) -> float:
+        """SecAgg's clip range: secagg-clip-range, else the round's DP clip norm."""
+        if self.cfg.secagg_clip_range > 0:
+            return self.cfg.secagg_clip_range
+        return float(self.round.dp.clip)
+
+    def _secure_sum(self, t: int, sampled: int) -> rnd_.SecureSum | None:
+        """SecAgg's result in process: the quantized modular sum of fedtune.privacy.secure
+        (the masks of the real protocol cancel exactly; fedtune.launch runs the protocol).
+        None when fewer clients survived than the reconstruction threshold."""
+        from fedtune.privacy import secure
+
+        got, self._secure = self._secure, []
+        need = max(round(self.cfg.secagg_threshold * sampled), 2)
+        if len(got) < need:
+            self.echo(
+                f"fedtune: round {t}: SecAgg: {len(got)} of {sampled} clients survived, fewer "
+                f"than the threshold {need}: the round fails, nothing applied"
+            )
+            return None
+        dp = self.round.dp is not None
+        weights = [1.0 if dp else float(m["num-examples"]) for _, _, m in got]
+        max_w = 1.0 if dp else float(max(1, self.cfg.local_steps * self.cfg.batch_size))
+        keys = [rnd_.client_key(self.cfg.seed, t, slot) for slot, _, _ in got]
+        mean = secure.secure_mean(
+            [v for _, v, _ in got], weights, clip=self._range(), max_weight=max_w, keys=keys
+        )
+        scale = 4.0 / self._range()  # the clip bit travels as b * c / 4
+        mean[-1] = mean[-1] * scale
+        contributors = [
+            (slot, w, float(m.get("train-loss", math.nan)))
+            for (slot, _, m), w in zip(got, weights, strict=True)
+        ]
+        return rnd_.SecureSum(mean, float(sum(weights)), contributors, sampled)
 
     def step(self, t: int, state: Tensors) -> tuple[rnd_.RoundResult, dict[str, Any]]:
         """Round ``t``: sample, train every sampled client, run the server round."""
         n = len(self.fed.clients)
-        picks = rnd_.sample(self.cfg.seed, t, n, self.cfg.fraction_train, self.cfg.min_train_nodes)
+        picks = rnd_.sample(
+            self.cfg.seed,
+            t,
+            n,
+            self.cfg.fraction_train,
+            self.cfg.min_train_nodes,
+            poisson=self.cfg.dp != "none",
+        )
+        secagg = self.cfg.secagg != "none"
+        dp = None
+        if self.round.dp is not None:
+            client_side = secagg or self.cfg.dp == "distributed"
+            dp = self.round.dp.client_params(len(picks), client_side=client_side)
         down = _state_bytes(state) + (_state_bytes(self.round.residual) if self.round.residual else 0)
         t0 = time.monotonic()  # the clients' share of the round (they run one after another)
         updates, dropped, up0 = [], {}, self._total_up()
         for slot in picks:
             self._count(slot, down=down)
             try:
-                updates.append(self.client(slot, state, t, rnd_.client_key(self.cfg.seed, t, slot)))
+                got = self.client(slot, state, t, rnd_.client_key(self.cfg.seed, t, slot), dp)
+                if isinstance(got, rnd_.Update):
+                    updates.append(got)
             except (ValueError, KeyError, TypeError, faults.InjectedFault) as e:
                 dropped[slot] = f"{type(e).__name__}: {e}"
                 self.echo(f"fedtune: round {t}: dropped reply of slot {slot}: {dropped[slot]}")
         wait = time.monotonic() - t0
-        res = self.round(t, state, updates)
+        if secagg:
+            total = self._secure_sum(t, len(picks))
+            if total is None:
+                res = rnd_.RoundResult(t, dict(state), skipped=True)
+                res.notes.append("SecAgg round failed: nothing applied")
+            else:
+                res = self.round(t, state, [], secure=total, sampled=len(picks))
+        else:
+            res = self.round(t, state, updates, sampled=len(picks))
         for slot, why in res.dropped:
             self.echo(f"fedtune: round {t}: dropped update of slot {slot}: {why}")
         for note in res.notes:
@@ -109,6 +192,7 @@ class Simulation:
             "dropped-replies": len(dropped) + len(res.dropped),
             "skipped": res.skipped,
             "wait-seconds": wait,
+            **res.privacy,
         }
         return res, stats
 
@@ -117,6 +201,12 @@ class Simulation:
         if first == 1:
             self.folder.evaluate(0, state, {}, self.round.residual)
         for t in range(first, self.cfg.num_rounds + 1):
+            if self.round.budget_exhausted():
+                self.echo(
+                    f"fedtune: stopping before round {t}: it would spend more than "
+                    f"dp-target-epsilon={self.cfg.dp_target_epsilon:g}"
+                )
+                break
             res, stats = self.step(t, state)
             self.history.append(res)
             state = res.state

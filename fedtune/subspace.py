@@ -209,6 +209,8 @@ class SubspaceCodec(Codec):
 
     name: ClassVar[str] = "subspace"
     zeroth_order: ClassVar[bool] = False  # first-order trainer (parts.validate pairs on this)
+    #: Δ = P_t z (+ the dense head) with P_t shared by every client of round t
+    linear: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -420,6 +422,52 @@ class SubspaceCodec(Codec):
             if not torch.isfinite(v).all():
                 raise PayloadError(f"{n} decodes to non-finite values")
         return out
+
+
+    # --- the coefficient view of a linear codec (fedtune/privacy/space.py) ------------------
+    # u = (α_l z_l per block, then the dense head): ‖P_t z‖ <= ‖α ⊙ z‖ since P_l = α_l times a
+    # partial isometry (signs, orthonormal Hadamard, row selection, truncation)
+
+    def _gain(self, lay: Layout) -> torch.Tensor:
+        return torch.cat(
+            [torch.full((kk,), math.sqrt(_pow2(b - a) / kk)) for a, b, kk in lay.blocks]
+        )
+
+    def coef_dim(self, like: Delta) -> int:
+        lay = self.layout(like)
+        return lay.k + sum(like[n].numel() for n in lay.head)
+
+    def coef_vector(self, payload: bytes, like: Delta) -> tuple[torch.Tensor, int]:
+        """(``u = α ⊙ z`` followed by the dense head, the payload's round)."""
+        z, head, t = self.coefficients(payload, like)
+        lay = self.layout(like)
+        parts = [z * self._gain(lay)] + [head[n].reshape(-1) for n in lay.head]
+        return torch.cat(parts).to(torch.float32), t
+
+    def _split(self, u: torch.Tensor, like: Delta) -> tuple[Layout, torch.Tensor, Tensors]:
+        lay = self.layout(like)
+        u = u.detach().to("cpu", torch.float32).reshape(-1)
+        if u.numel() != self.coef_dim(like):
+            raise ValueError(f"u has {u.numel()} entries, the codec {self.coef_dim(like)}")
+        z = u[: lay.k] / self._gain(lay)
+        head, pos = {}, lay.k
+        for n in lay.head:
+            head[n] = u[pos : pos + like[n].numel()].reshape(like[n].shape).clone()
+            pos += like[n].numel()
+        return lay, z, head
+
+    def from_coef(self, u: torch.Tensor, like: Delta, server_round: int) -> Tensors:
+        """``P_t z`` (+ head) of a coefficient vector: one reconstruction for a whole sum."""
+        lay, z, head = self._split(u, like)
+        out = empty_like_spec(like)
+        _unflat(Basis(lay, round_key(self.seed, server_round)).apply(z), lay.sub, out)
+        for n, v in head.items():
+            out[n].copy_(v)
+        return out
+
+    def encode_coef(self, u: torch.Tensor, like: Delta, *, key: int, round: int, slot: int) -> bytes:
+        _, z, head = self._split(u, like)
+        return self.encode(SubspaceUpdate(z, head, like), key, round=round, slot=slot)
 
 
 def _flat(state: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> torch.Tensor:

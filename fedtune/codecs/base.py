@@ -128,6 +128,11 @@ class Codec(abc.ABC):
     replayable: ClassVar[bool] = True
     #: the payload is zeroth-order (key, scalar) pairs: it needs the zeroth-order trainer
     zeroth_order: ClassVar[bool] = False
+    #: decode is ``Δ = B_t c``, linear in the coefficients, with a basis ``B_t`` every client
+    #: of round t shares; such a codec also has ``coef_dim``, ``coef_vector``, ``from_coef``,
+    #: ``encode_coef`` (fedtune/privacy/space.py). DP noise in coefficient space, distributed
+    #: DP and SecAgg need it
+    linear: ClassVar[bool] = False
 
     @abc.abstractmethod
     def encode(self, delta: Any, key: int, *, round: int = 0, slot: int = 0) -> bytes: ...

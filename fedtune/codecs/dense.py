@@ -9,9 +9,12 @@ Shares the wire format and decoder of the sketch codecs: every block has ``K_l =
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from fedtune.codecs.base import Block
+import torch
+
+import fedtune.codecs.wire as wire
+from fedtune.codecs.base import Block, Delta
 from fedtune.codecs.projection import ProjectionCodec
 from fedtune.codecs.registry import register
 
@@ -27,6 +30,9 @@ class DenseCodec(ProjectionCodec):
     unbiased: bool = dataclasses.field(default=True, init=False)
 
     replayable: ClassVar[bool] = True  # elementwise dequantize and copy, no sums
+    #: decode is the identity on the coefficients: Σ of payload vectors decodes to Σ of updates
+    #: (DP noise and SecAgg sums act on them; fedtune/privacy/space.py)
+    linear: ClassVar[bool] = True
     name = "dense"
 
     def __post_init__(self) -> None:
@@ -42,3 +48,24 @@ class DenseCodec(ProjectionCodec):
 
     def coef_std(self, d: int, k: int) -> float:
         return 1.0
+
+    # --- the coefficient view of a linear codec (fedtune/privacy/space.py): B = I, u = Δ ---
+
+    def coef_dim(self, like: Delta) -> int:
+        return sum(t.numel() for t in like.values())
+
+    def coef_vector(self, payload: bytes, like: Delta) -> tuple[torch.Tensor, int]:
+        """(the decoded update as one flat fp32 vector, the payload's round)."""
+        h, _ = wire.unpack(payload, self.max_payload_bytes(like))
+        delta = self.decode(payload, like)
+        return torch.cat([delta[n].reshape(-1) for n in like]), h.round
+
+    def from_coef(self, u: torch.Tensor, like: Delta, server_round: int) -> dict[str, torch.Tensor]:
+        out, pos = {}, 0
+        for n, t in like.items():
+            out[n] = u[pos : pos + t.numel()].reshape(t.shape).to(torch.float32).clone()
+            pos += t.numel()
+        return out
+
+    def encode_coef(self, u: torch.Tensor, like: Delta, *, key: int, round: int, slot: int) -> Any:
+        return self.encode(self.from_coef(u, like, round), key, round=round, slot=slot)

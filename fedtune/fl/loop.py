@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedtune.fl.secagg import secure_round
 from fedtune.fl.strategy import FedTuneStrategy
 
 
@@ -42,14 +43,21 @@ def run_rounds(
     if first_round == 1 and evaluate_fn is not None:
         evaluate_fn(0, arrays)
     for t in range(first_round, num_rounds + 1):
+        if strategy.round.budget_exhausted():
+            log(INFO, "fedtune: stopping before round %d: it would exceed dp-target-epsilon", t)
+            break
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", t, num_rounds)
         messages = list(strategy.configure_train(t, arrays, ConfigRecord({}), grid))
         t0 = time.monotonic()
-        replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        # SecAgg+ (fl/secagg.py): the protocol's four exchanges; the server sees only the sum
+        secure = secure_round(strategy, grid, t, messages, timeout) if strategy.secagg else None
+        plain = bool(messages) and secure is None
+        replies = list(grid.send_and_receive(messages, timeout=timeout)) if plain else []
         if timings is not None:
             timings[t] = {"wait-seconds": time.monotonic() - t0}
         missing = sorted(set(strategy.issued) - {m.metadata.src_node_id for m in replies})
+        missing = missing if secure is None else []
         if missing:
             slots = ", ".join(str(strategy.issued[n][0]) for n in missing)
             log(
@@ -58,7 +66,7 @@ def run_rounds(
                 "(slots %s); going on without them",
                 *(t, timeout, len(missing), len(strategy.issued), slots),
             )
-        new, _ = strategy.aggregate_train(t, replies)
+        new, _ = strategy.aggregate_train(t, replies) if secure is None else secure
         if new is not None:
             arrays = new
         if evaluate_fn is not None:

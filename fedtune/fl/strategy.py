@@ -58,6 +58,7 @@ class RoundStats:
     skipped: bool = False
     update_norm: float = 0.0
     chains: int = 0  # train messages that carried a payload chain instead of the dense adapter
+    privacy: dict[str, float] = field(default_factory=dict)  # dp-epsilon, ... of the round
 
 
 class FedTuneStrategy(FedAvg):
@@ -75,6 +76,11 @@ class FedTuneStrategy(FedAvg):
         node_wait: float = 300.0,
         downlink: str = "dense",
         client_initial: bool = False,
+        poisson: bool = False,
+        secagg: bool = False,
+        secagg_clip_range: float = 0.0,
+        secagg_threshold: float = 0.6,
+        max_weight: float = 1.0,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(fraction_evaluate=0.0, **fedavg_kwargs)
@@ -92,6 +98,35 @@ class FedTuneStrategy(FedAvg):
         self.current: Tensors = {}
         self.history: list[RoundStats] = []
         self._stats = RoundStats(0)
+        self.poisson = poisson  # dp: Poisson sampling, as the accountant assumes
+        self.secagg = secagg
+        self.secagg_clip_range = secagg_clip_range
+        self.secagg_threshold = secagg_threshold
+        self.max_weight = max_weight  # SecAgg+ without DP: the largest num-examples weight
+
+    def new_stats(self, server_round: int) -> RoundStats:
+        """This round's stats (begun by configure_train)."""
+        return self._stats if self._stats.round == server_round else RoundStats(server_round)
+
+    def clip_range(self) -> float:
+        """SecAgg's per-coordinate range: secagg-clip-range, else the round's DP clip norm."""
+        if self.secagg_clip_range > 0 or self.round.dp is None:
+            return self.secagg_clip_range
+        return float(self.round.dp.clip)
+
+    def privacy_config(self, sampled: int) -> dict[str, Any]:
+        """The train-config entries a client needs to clip / noise itself (or nothing)."""
+        out: dict[str, Any] = {}
+        dp = self.round.dp
+        if dp is not None:
+            distributed = dp.spec.mode == "distributed"
+            p = dp.client_params(sampled, client_side=self.secagg or distributed)
+            if p is not None:
+                out.update({"dp-clip": p.clip, "dp-noise-std": p.noise_std,
+                            "dp-bit-std": p.bit_std, "dp-seeded": p.seeded})  # fmt: skip
+        if self.secagg:
+            out["secagg-clip-range"] = self.clip_range()
+        return out
 
     # ------------------------------------------------------------------ configure
     def client_key(self, server_round: int, slot: int) -> int:
@@ -153,8 +188,14 @@ class FedTuneStrategy(FedAvg):
         self.identify(grid, nodes)
         by_slot = sorted(nodes, key=lambda n: self.slots[n])
         picks = rnd_.sample(
-            self.run_seed, server_round, len(by_slot), self.fraction_train, self.min_train_nodes
+            self.run_seed,
+            server_round,
+            len(by_slot),
+            self.fraction_train,
+            self.min_train_nodes,
+            poisson=self.poisson,
         )
+        private = self.privacy_config(len(picks))
         residual = self.round.residual  # exact mode: the dense residual goes with every message
         extra = {RESIDUAL: state_to_record(residual)} if residual else {}
         extra_bytes = sum(r.count_bytes() for r in extra.values())
@@ -167,6 +208,8 @@ class FedTuneStrategy(FedAvg):
             self.issued[node_id] = (slot, key)
             cfg = ConfigRecord(dict(config))
             cfg["server-round"], cfg["slot"], cfg["key"] = server_round, slot, key_to_config(key)
+            for k, v in private.items():
+                cfg[k] = v
             state_rec, n_state = self.downlink.state_record(slot, server_round - 1, arrays, digest)
             self._stats.chains += DOWNLINK in state_rec
             self._stats.bytes_down += extra_bytes + n_state
@@ -207,12 +250,14 @@ class FedTuneStrategy(FedAvg):
             max_norm=self.max_update_norm,
         )
         loss = float(loss) if isinstance(loss, int | float) else math.nan
-        return rnd_.Update(slot, delta, float(n), loss, payload)
+        bit = metrics.get("dp-clip-bit", math.nan)  # distributed DP, adaptive clipping
+        bit = float(bit) if isinstance(bit, int | float) else math.nan
+        return rnd_.Update(slot, delta, float(n), loss, payload, clip_bit=bit)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        stats = self._stats if self._stats.round == server_round else RoundStats(server_round)
+        stats = self.new_stats(server_round)
         updates: list[rnd_.Update] = []
         answered: set[int] = set()
         for msg in replies:
@@ -235,7 +280,13 @@ class FedTuneStrategy(FedAvg):
         if self.downlink.mode != "dense":  # no reply: what that client holds is unknown
             for node in set(self.issued) - answered:
                 self.downlink.track(self.issued[node][0], False, server_round)
-        res = self.round(server_round, self.current, updates)
+        res = self.round(server_round, self.current, updates, sampled=len(self.issued))
+        return self.finish_round(server_round, res, stats)
+
+    def finish_round(
+        self, server_round: int, res: rnd_.RoundResult, stats: RoundStats
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Log what the round did, keep its stats, and return the next global adapter."""
         node_of = {slot: node for node, (slot, _) in self.issued.items()}
         for slot, reason in res.dropped:
             stats.dropped[str(node_of.get(slot, f"slot {slot}"))] = reason
@@ -248,6 +299,7 @@ class FedTuneStrategy(FedAvg):
             res.update_norm,
             res.skipped,
         )
+        stats.privacy = dict(res.privacy)
         if self.downlink.mode != "dense":
             self.downlink.record(self._replay_step(res))
         self.history.append(stats)
