@@ -86,7 +86,9 @@ class Simulation:
             from fedtune.privacy.client import secure_vector
 
             v = secure_vector(self.codec, payload, self.wb.initial, dp, key=key, clip_range=self._range())
-            self._count(slot, up=4 * v.numel())  # int32 per coordinate, as secaggplus_mod sends
+            # secaggplus_mod sends the masked vector as int64: 8 bytes a coordinate (its key
+            # exchange adds ~10 KB a client-round: benchmarks/secagg_overhead.py)
+            self._count(slot, up=8 * v.numel())
             self._secure.append((slot, v, m))
             return v
         if dp is not None:
