@@ -120,10 +120,20 @@ def _install_library_handlers() -> None:
 
 def quiet_progress_bars() -> None:
     """No per-call progress bars of datasets / transformers (the partitioner's ``map``, file
-    downloads). Unlike ``pipeline.quiet_libraries`` this keeps warnings and load reports, which
-    :func:`route_library_output` sends to the log."""
+    downloads, flwr-datasets' plain tqdm bars). Unlike ``pipeline.quiet_libraries`` this keeps
+    warnings and load reports, which :func:`route_library_output` sends to the log.
+    ``TQDM_DISABLE=1`` reaches the processes started after this (SuperLink, ServerApp, Ray
+    actors); tqdm reads it when imported, so bars of this process are switched off directly."""
+    from functools import partialmethod
+
     import datasets
+    import tqdm
     import transformers
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if not getattr(tqdm.tqdm, "_fedtune_quiet", False):
+        tqdm.tqdm.__init__ = partialmethod(tqdm.tqdm.__init__, disable=True)  # type: ignore[method-assign]
+        tqdm.tqdm._fedtune_quiet = True  # type: ignore[attr-defined]
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()

@@ -206,3 +206,20 @@ def test_simulate_prints_a_short_run_and_writes_plot_seconds_and_log(tiny_run_co
     assert all(r["seconds"] > 0 and r["eval-seconds"] > 0 for r in rows)
     assert all(0 < r["wait-seconds"] < r["seconds"] for r in rows[1:])
     assert (run / "log.txt").exists()
+
+
+def test_no_progress_bars_not_even_flwr_datasets_plain_tqdm():
+    """The natural-id partitioner draws a bare tqdm bar on every federation build."""
+    proc = _run_python(
+        """
+        from fedtune import report
+        report.quiet_progress_bars()
+        from flwr_datasets.partitioner import natural_id_partitioner as m
+        for _ in m.tqdm(range(3), desc="Generating partition_id_to_indices"):
+            pass
+        import os
+        print(os.environ["TQDM_DISABLE"])  # what the SuperLink, ServerApp and actors inherit
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "1\n" and "Generating" not in proc.stderr
