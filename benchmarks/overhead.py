@@ -91,7 +91,11 @@ def run(entry: str, items: list[str], run_name: str, out_dir: Path, timeout: flo
         with PeakMemory(proc.pid) as mem:
             rc = proc.wait(timeout=timeout)
     wall = time.monotonic() - t0
-    rows = [json.loads(x) for x in (out_dir / run_name / "metrics.jsonl").read_text().splitlines()]
+    metrics = out_dir / run_name / "metrics.jsonl"
+    if rc != 0 or not metrics.exists():
+        tail = log.read_text(errors="replace").splitlines()[-5:]
+        raise SystemExit(f"{entry} failed (exit code {rc}):\n" + "\n".join(tail))
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     rounds = [r for r in rows if r["round"] > 0]
     later = [r["seconds"] for r in rounds[1:]] or [rounds[0]["seconds"]]
     return {
