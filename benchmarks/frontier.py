@@ -94,6 +94,24 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
                                      "local-steps": 40}, [0]),
     "subspace_k1024_fp16_slr2": ({**_SUB, "codec-k": 1024, "codec-coef-bits": 16,
                                   "server-opt": "sgd", "server-opt-lr": 2.0}, [0]),
+    # A frozen (FFA-LoRA, Sun et al. 2024): the subspace holds only B and the head, half of d
+    "dense_ffa": ({"codec": "dense", "factor-mode": "ffa"}, [0]),
+    "subspace_k1024_fp16_lr2x_ffa": ({**_SUB, "codec-k": 1024, "codec-coef-bits": 16,
+                                      "codec-lr": 1e-2, "factor-mode": "ffa"}, [0]),
+    "subspace_k1024_fp16_lr2x_headk256": ({**_SUB, "codec-k": 1024, "codec-coef-bits": 16,
+                                           "codec-lr": 1e-2, "codec-head-k": 256}, [0]),
+    "subspace_k1024_fp16_lr2x_ffa_headk256": (
+        {**_SUB, "codec-k": 1024, "codec-coef-bits": 16, "codec-lr": 1e-2,
+         "factor-mode": "ffa", "codec-head-k": 256},
+        [0],
+    ),
+    # point 3: zeroth-order inside the round's subspace, first-order dense head
+    "subspace_zo_k256_head16": (
+        {"trainer": "subspace-zo", "codec": "subspace", "codec-k": 256, "codec-coef-bits": 16,
+         "codec-head": "dense", "codec-head-bits": 16, "codec-lr": 1e-2, "zo-eps": 1e-2,
+         "factor-mode": "ffa", "local-steps": 40},
+        [0],
+    ),
     # point 3: TIES with a server step size
     "ties_d0.2": ({"merger": "ties", "merger-density": 0.2}, [0]),
     "ties_d0.2_slr0.5": ({"merger": "ties", "merger-density": 0.2, "server-opt": "sgd",

@@ -26,6 +26,7 @@ from typing import Any
 
 from fedtune import adapters, codecs, merging, rng, trainers
 from fedtune import subspace as _subspace  # noqa: F401  (registers codec + trainer 'subspace')
+from fedtune import subspace_zo as _subspace_zo  # noqa: F401  (trainer 'subspace-zo')
 from fedtune.config import Config, ConfigError
 from fedtune.registry import RegistryError
 from fedtune.round import ClipReject, DirectionFilter, ServerRound
