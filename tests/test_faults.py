@@ -103,11 +103,20 @@ def test_the_strategy_waits_at_most_round_timeout_and_names_the_silent_nodes(cap
         return replies
 
     grid.send_and_receive.side_effect = send_and_receive
-    logging.getLogger("flwr").addHandler(caplog.handler)
+    flwr_log = logging.getLogger("flwr")
+    # other tests in this worker process may have routed or silenced handlers (fedtune.report)
+    saved = (flwr_log.level, flwr_log.disabled, caplog.handler.level)
+    flwr_log.setLevel(logging.INFO)
+    flwr_log.disabled = False
+    caplog.handler.setLevel(logging.NOTSET)
+    flwr_log.addHandler(caplog.handler)
     try:
         run_rounds(s, grid, state_to_record(spec), first_round=1, num_rounds=2, timeout=7.0)
     finally:
-        logging.getLogger("flwr").removeHandler(caplog.handler)
+        flwr_log.removeHandler(caplog.handler)
+        flwr_log.setLevel(saved[0])
+        flwr_log.disabled = saved[1]
+        caplog.handler.setLevel(saved[2])
     assert timeouts == [s.node_wait, 7.0, 7.0]  # the identity query, then one call per round
     assert [(h.valid, h.skipped) for h in s.history] == [(2, False), (2, False)]
     line = "round 1: no reply within round-timeout=7 s from 1 of 3 sampled nodes (slots 2)"
@@ -246,7 +255,11 @@ def test_too_few_replies_skip_the_round_and_the_run_still_ends(tiny_run_config, 
     assert rows[1]["skipped"] and rows[1]["valid-replies"] == 2
     assert rows[1]["dropped-replies"] == 1
     assert "round 1: only 2 valid replies (< 3): keeping the previous global adapter" in out
-    assert "injected fault 'raise' in client 1, round 1" in out  # the dropped reply's reason
+    # the dropped reply's reason: its first line on the terminal, the whole traceback (with the
+    # reason) in the run's log.txt (fedtune.report keeps multi-line library output off stdout)
+    log_txt = (Path(cfg["output-dir"]) / "skip" / "log.txt").read_text()
+    assert "round 1: dropped reply from node" in out + log_txt
+    assert "injected fault 'raise' in client 1, round 1" in out + log_txt
     # the skipped round kept the global adapter: same held-out result as before round 1
     assert rows[1]["test-loss"] == rows[0]["test-loss"]
     assert not rows[2]["skipped"] and rows[2]["valid-replies"] == 3
