@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -65,6 +65,8 @@ from fedtune.codecs.srht import SRHTCodec, _pow2
 from fedtune.layout import combine_hashes
 
 Tensors = dict[str, torch.Tensor]
+#: a subspace trainer: (job, codec, server round, metrics to fill) -> the update
+TrainFn = Callable[..., "SubspaceUpdate"]
 
 CODEC_ID = 171
 _ROUND_TAG = 0x5B5ACE  # separates the subspace's round key from client, merge and sample keys
@@ -175,13 +177,16 @@ class PendingSubspace:
     """The ``subspace`` trainer's result: the local job, trained when the codec learns the
     round (``run``); ``metrics`` is the dict the trainer returned, filled in by the training."""
 
-    def __init__(self, job: trainers.LocalJob, metrics: dict[str, float]) -> None:
+    def __init__(
+        self, job: trainers.LocalJob, metrics: dict[str, float], train: TrainFn | None = None
+    ) -> None:
         self.job, self.metrics = job, metrics
+        self.train = train if train is not None else train_subspace
         self.done: SubspaceUpdate | None = None
 
     def run(self, codec: SubspaceCodec, server_round: int) -> SubspaceUpdate:
         if self.done is None:
-            self.done = train_subspace(self.job, codec, server_round, self.metrics)
+            self.done = self.train(self.job, codec, server_round, self.metrics)
         return self.done
 
 
@@ -423,7 +428,6 @@ class SubspaceCodec(Codec):
                 raise PayloadError(f"{n} decodes to non-finite values")
         return out
 
-
     # --- the coefficient view of a linear codec (fedtune/privacy/space.py) ------------------
     # u = (α_l z_l per block, then the dense head): ‖P_t z‖ <= ‖α ⊙ z‖ since P_l = α_l times a
     # partial isometry (signs, orthonormal Hadamard, row selection, truncation)
@@ -465,7 +469,9 @@ class SubspaceCodec(Codec):
             out[n].copy_(v)
         return out
 
-    def encode_coef(self, u: torch.Tensor, like: Delta, *, key: int, round: int, slot: int) -> bytes:
+    def encode_coef(
+        self, u: torch.Tensor, like: Delta, *, key: int, round: int, slot: int
+    ) -> bytes:
         _, z, head = self._split(u, like)
         return self.encode(SubspaceUpdate(z, head, like), key, round=round, slot=slot)
 
@@ -483,19 +489,76 @@ def _unflat(v: torch.Tensor, names: tuple[str, ...], out: Mapping[str, torch.Ten
 
 
 # --------------------------------------------------------------------------- the trainer
-@trainers.register("subspace")  # type: ignore[arg-type]  # Registry[Trainer] types factories
-def subspace_trainer(job: trainers.LocalJob) -> trainers.LocalResult:
-    """Defers the AdamW steps on ``z`` to ``codec.encode`` (which knows the round)."""
+def deferred(job: trainers.LocalJob, name: str, train: TrainFn) -> trainers.LocalResult:
+    """A subspace trainer's result: ``train`` runs inside ``codec.encode`` (which knows the
+    round); its metrics dict is filled in then."""
     if not isinstance(job.codec, SubspaceCodec):
-        raise TypeError(
-            f"trainer 'subspace' needs codec='subspace', got {type(job.codec).__name__}"
-        )
+        raise TypeError(f"trainer {name!r} needs codec='subspace', got {type(job.codec).__name__}")
     metrics = {
         "train-loss": math.nan,
         "num-examples": float(job.spec.steps * job.spec.batch_size),
         "local-steps": float(job.spec.steps),
     }
-    return trainers.LocalResult(PendingSubspace(job, metrics), metrics)
+    return trainers.LocalResult(PendingSubspace(job, metrics, train), metrics)
+
+
+@trainers.register("subspace")  # type: ignore[arg-type]  # Registry[Trainer] types factories
+def subspace_trainer(job: trainers.LocalJob) -> trainers.LocalResult:
+    """Defers the AdamW steps on ``z`` to ``codec.encode`` (which knows the round)."""
+    return deferred(job, "subspace", train_subspace)
+
+
+@dataclasses.dataclass
+class Session:
+    """What every subspace trainer starts from: the round's basis at ``θ_t``, ``z = 0`` and
+    AdamW over ``z`` (rate ``codec.lr``) and the dense head (``codec.head_lr``)."""
+
+    params: dict[str, torch.nn.Parameter]
+    like: Tensors
+    basis: Basis
+    theta0: torch.Tensor
+    z: torch.Tensor
+    head: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+
+    @classmethod
+    def begin(
+        cls, job: trainers.LocalJob, codec: SubspaceCodec, server_round: int, *, z_grad: bool
+    ) -> Session:
+        spec = job.spec
+        like = {n: t.detach().to("cpu", torch.float32) for n, t in job.global_state.items()}
+        params = {n: p for n, p in job.model.named_parameters() if p.requires_grad}
+        if set(params) != set(like):
+            raise ValueError("the model's trainable parameters do not match the global state")
+        basis = codec.basis(like, server_round)
+        z = torch.zeros(basis.layout.k, requires_grad=z_grad)
+        head = [params[n] for n in basis.layout.head]
+        groups: list[dict[str, Any]] = [{"params": [z], "lr": codec.lr or spec.lr}]
+        if head:
+            groups.append({"params": head, "lr": codec.head_lr or spec.lr})
+        opt = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+        theta0 = _flat(like, basis.layout.sub)
+        job.model.to(job.device)
+        job.model.train()
+        return cls(params, like, basis, theta0, z, head, opt)
+
+    def move_to(self, z: torch.Tensor) -> None:
+        """Set the body's parameters to ``θ_t + P_t z``."""
+        _set(self.params, self.basis.layout.sub, self.theta0 + self.basis.apply(z))
+
+    def finish(
+        self, job: trainers.LocalJob, metrics: dict[str, float] | None, total: float, seen: int
+    ) -> SubspaceUpdate:
+        """Model back to eval; mean train loss and examples into ``metrics``; the update."""
+        job.model.zero_grad(set_to_none=True)
+        job.model.eval()
+        steps = job.spec.steps
+        if metrics is not None:
+            metrics["train-loss"] = total / steps if steps else math.nan
+            metrics["num-examples"] = float(seen)
+        lay, p = self.basis.layout, self.params
+        head_delta = {n: p[n].detach().to("cpu", torch.float32) - self.like[n] for n in lay.head}
+        return SubspaceUpdate(self.z.detach().clone(), head_delta, self.like)
 
 
 def train_subspace(
@@ -508,21 +571,10 @@ def train_subspace(
     from fedtune.train import to_device
 
     model, spec, dev = job.model, job.spec, job.device
-    like = {n: t.detach().to("cpu", torch.float32) for n, t in job.global_state.items()}
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(like):
-        raise ValueError("the model's trainable parameters do not match the global state")
-    basis = codec.basis(like, server_round)
-    lay = basis.layout
-    theta0 = _flat(like, lay.sub)
-    z = torch.zeros(lay.k, requires_grad=True)
-    head = [params[n] for n in lay.head]
-    groups: list[dict[str, Any]] = [{"params": [z], "lr": codec.lr or spec.lr}]
-    if head:
-        groups.append({"params": head, "lr": codec.head_lr or spec.lr})
-    opt = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
-    model.to(dev)
-    model.train()
+    ses = Session.begin(job, codec, server_round, z_grad=True)
+    params, basis, lay, z, head, opt = (
+        ses.params, ses.basis, ses.basis.layout, ses.z, ses.head, ses.opt,
+    )  # fmt: skip
     total, seen = 0.0, 0
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(job.data_key & 0x7FFF_FFFF_FFFF_FFFF)
@@ -539,16 +591,10 @@ def train_subspace(
             if spec.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([z, *head], spec.grad_clip)
             opt.step()
-            _set(params, lay.sub, theta0 + basis.apply(z))
+            ses.move_to(z)
             total += loss.item()
             seen += int(batch["input_ids"].shape[0])
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    if metrics is not None:
-        metrics["train-loss"] = total / spec.steps if spec.steps else math.nan
-        metrics["num-examples"] = float(seen)
-    head_delta = {n: params[n].detach().to("cpu", torch.float32) - like[n] for n in lay.head}
-    return SubspaceUpdate(z.detach().clone(), head_delta, like)
+    return ses.finish(job, metrics, total, seen)
 
 
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:
