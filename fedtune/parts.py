@@ -210,6 +210,19 @@ def dp_spec(cfg: Config, num_clients: int) -> Any:
     )
 
 
+def private_run(cfg: Config) -> Any:
+    """The run's :class:`fedtune.privacy.settings.PrivateRun` (dp mode, SecAgg+ parameters)."""
+    from fedtune.privacy.settings import PrivateRun
+
+    return PrivateRun(
+        dp=cfg.dp,
+        secagg=cfg.secagg != "none",
+        secagg_clip_range=cfg.secagg_clip_range,
+        secagg_threshold=cfg.secagg_threshold,
+        max_examples=float(max(1, cfg.local_steps * cfg.batch_size)),
+    )
+
+
 def privacy(cfg: Config, codec: Any, like: Any, num_clients: int) -> tuple[Any, Any]:
     """(the DP mechanism or None, the vector space of the codec or None) of a run."""
     if cfg.dp == "none" and cfg.secagg == "none":

@@ -55,6 +55,7 @@ class Simulation:
         self.wb = pipeline.workbench(cfg, self.fed)
         self.codec = pipeline.codec(cfg)
         self.round = pipeline.server_round(cfg)
+        self.private = parts.private_run(cfg)
         self.folder = RunFolder(cfg, echo)
         self.error_feedback: dict[int, codecs.ErrorFeedback] = {}  # per client, as Context.state
         self.slot_bytes: dict[int, list[int]] = {}
@@ -82,10 +83,11 @@ class Simulation:
             error_feedback=ef,
             residual=self.round.residual,
         )
-        if cfg.secagg != "none":
+        if self.private.secagg:
             from fedtune.privacy.client import secure_vector
 
-            v = secure_vector(self.codec, payload, self.wb.initial, dp, key=key, clip_range=self._range())
+            c = self.private.clip_range(self.round.dp)
+            v = secure_vector(self.codec, payload, self.wb.initial, dp, key=key, clip_range=c)
             # secaggplus_mod sends the masked vector as int64: 8 bytes a coordinate (its key
             # exchange adds ~10 KB a client-round: benchmarks/secagg_overhead.py)
             self._count(slot, up=8 * v.numel())
@@ -109,12 +111,6 @@ class Simulation:
             clip_bit=m.get("dp-clip-bit", math.nan),
         )
 
-    def _range(self) -> float:
-        """SecAgg's clip range: secagg-clip-range, else the round's DP clip norm."""
-        if self.cfg.secagg_clip_range > 0:
-            return self.cfg.secagg_clip_range
-        return float(self.round.dp.clip)
-
     def _secure_sum(self, t: int, sampled: int) -> rnd_.SecureSum | None:
         """SecAgg's result in process: the quantized modular sum of fedtune.privacy.secure
         (the masks of the real protocol cancel exactly; fedtune.launch runs the protocol).
@@ -122,21 +118,21 @@ class Simulation:
         from fedtune.privacy import secure
 
         got, self._secure = self._secure, []
-        need = max(round(self.cfg.secagg_threshold * sampled), 2)
+        need = self.private.survivors_needed(sampled)
         if len(got) < need:
             self.echo(
                 f"fedtune: round {t}: SecAgg: {len(got)} of {sampled} clients survived, fewer "
                 f"than the threshold {need}: the round fails, nothing applied"
             )
             return None
-        dp = self.round.dp is not None
-        weights = [1.0 if dp else float(m["num-examples"]) for _, _, m in got]
-        max_w = 1.0 if dp else float(max(1, self.cfg.local_steps * self.cfg.batch_size))
+        dp, private = self.round.dp, self.private
+        weights = [1.0 if dp is not None else float(m["num-examples"]) for _, _, m in got]
         keys = [rnd_.client_key(self.cfg.seed, t, slot) for slot, _, _ in got]
+        c = private.clip_range(dp)
         mean = secure.secure_mean(
-            [v for _, v, _ in got], weights, clip=self._range(), max_weight=max_w, keys=keys
+            [v for _, v, _ in got], weights, clip=c, max_weight=private.max_weight(dp), keys=keys
         )
-        scale = 4.0 / self._range()  # the clip bit travels as b * c / 4
+        scale = 4.0 / c  # the clip bit travels as b * c / 4
         mean[-1] = mean[-1] * scale
         contributors = [
             (slot, w, float(m.get("train-loss", math.nan)))
@@ -153,13 +149,12 @@ class Simulation:
             n,
             self.cfg.fraction_train,
             self.cfg.min_train_nodes,
-            poisson=self.cfg.dp != "none",
+            poisson=self.private.poisson,
         )
-        secagg = self.cfg.secagg != "none"
+        secagg = self.private.secagg
         dp = None
         if self.round.dp is not None:
-            client_side = secagg or self.cfg.dp == "distributed"
-            dp = self.round.dp.client_params(len(picks), client_side=client_side)
+            dp = self.round.dp.client_params(len(picks), client_side=self.private.client_side)
         down = _state_bytes(state) + (_state_bytes(self.round.residual) if self.round.residual else 0)
         t0 = time.monotonic()  # the clients' share of the round (they run one after another)
         updates, dropped, up0 = [], {}, self._total_up()

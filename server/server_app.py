@@ -52,11 +52,7 @@ def main(grid: Grid, context: Context) -> None:
         downlink=cfg.downlink,
         # a fresh run starts from the keyed initial adapter, which clients build themselves too
         client_initial=first_round == 1,
-        poisson=cfg.dp != "none",  # the sampling the DP accountant assumes
-        secagg=cfg.secagg != "none",
-        secagg_clip_range=cfg.secagg_clip_range,
-        secagg_threshold=cfg.secagg_threshold,
-        max_weight=float(max(1, cfg.local_steps * cfg.batch_size)),
+        private=parts.private_run(cfg),  # dp sampling, SecAgg+ parameters
         fraction_train=cfg.fraction_train,
         min_train_nodes=cfg.min_train_nodes,
         min_available_nodes=cfg.min_available_nodes,

@@ -255,11 +255,8 @@ def test_too_few_replies_skip_the_round_and_the_run_still_ends(tiny_run_config, 
     assert rows[1]["skipped"] and rows[1]["valid-replies"] == 2
     assert rows[1]["dropped-replies"] == 1
     assert "round 1: only 2 valid replies (< 3): keeping the previous global adapter" in out
-    # the dropped reply's reason: its first line on the terminal, the whole traceback (with the
-    # reason) in the run's log.txt (fedtune.report keeps multi-line library output off stdout)
-    log_txt = (Path(cfg["output-dir"]) / "skip" / "log.txt").read_text()
-    assert "round 1: dropped reply from node" in out + log_txt
-    assert "injected fault 'raise' in client 1, round 1" in out + log_txt
+    # the dropped reply's reason, in one line on the terminal (the traceback goes to log.txt)
+    assert "injected fault 'raise' in client 1, round 1" in out
     # the skipped round kept the global adapter: same held-out result as before round 1
     assert rows[1]["test-loss"] == rows[0]["test-loss"]
     assert not rows[2]["skipped"] and rows[2]["valid-replies"] == 3

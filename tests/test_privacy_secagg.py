@@ -116,6 +116,7 @@ def test_failed_round_applies_nothing() -> None:
     from types import SimpleNamespace
 
     from fedtune.fl import secagg
+    from fedtune.privacy.settings import PrivateRun
 
     class Strat(SimpleNamespace):
         def new_stats(self, t):  # type: ignore[no-untyped-def]
@@ -125,13 +126,11 @@ def test_failed_round_applies_nothing() -> None:
             self.res = res
             return (None if res.skipped else res.state), None
 
-        def clip_range(self) -> float:
-            return C
-
     called = []
     state = {"w": torch.ones(3)}
     strat = Strat(round=SimpleNamespace(dp=None, __call__=lambda *a, **k: called.append(a)),
-                  current=state, secagg_threshold=0.6, max_weight=1.0, issued={})  # fmt: skip
+                  current=state, issued={},
+                  private=PrivateRun(secagg=True, secagg_clip_range=C))  # fmt: skip
     msgs = [Message(RecordDict({}), dst_node_id=n, message_type="train") for n in (1,)]
     new, _ = secagg.secure_round(strat, None, 1, msgs, 1.0)  # one node: SecAgg+ needs two
     assert new is None and strat.res.skipped and torch.equal(strat.res.state["w"], state["w"])

@@ -51,7 +51,7 @@ def run_rounds(
         messages = list(strategy.configure_train(t, arrays, ConfigRecord({}), grid))
         t0 = time.monotonic()
         # SecAgg+ (fl/secagg.py): the protocol's four exchanges; the server sees only the sum
-        secure = secure_round(strategy, grid, t, messages, timeout) if strategy.secagg else None
+        secure = secure_round(strategy, grid, t, messages, timeout) if strategy.private.secagg else None
         plain = bool(messages) and secure is None
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if plain else []
         if timings is not None:

@@ -111,3 +111,13 @@ def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
 def payload_bytes(payload: bytes) -> int:
     """What one encoded update costs on the wire as a reply's ArrayRecord."""
     return payload_to_record(payload).count_bytes()
+
+def one_line(reason: str | None) -> str:
+    """A client error's reason in one line: Flower passes a Ray traceback, whose informative
+    part is the last line naming fedtune (an injected fault, a config error) or else its last
+    line; the whole traceback stays in the run's log.txt."""
+    lines = [x.strip() for x in (reason or "").splitlines() if x.strip()]
+    if not lines:
+        return "(no reason given)"
+    ours = [x for x in lines if "fedtune:" in x]
+    return (ours or lines)[-1]

@@ -194,12 +194,12 @@ def secure_round(
     contents = {m.metadata.dst_node_id: m.content for m in messages}
     sampled = len(contents)
     dp = strategy.round.dp
-    c = strategy.clip_range()
-    max_w = 1.0 if dp is not None else float(strategy.max_weight)
+    private = strategy.private
+    c = private.clip_range(dp)
     total = None
     if sampled >= 2:
-        wf = workflow(threshold=strategy.secagg_threshold, clip_range=c, max_weight=max_w,
-                      timeout=timeout)  # fmt: skip
+        wf = workflow(threshold=private.secagg_threshold, clip_range=c,
+                      max_weight=private.max_weight(dp), timeout=timeout)  # fmt: skip
         mean, got, _ = run_protocol(grid, server_round, contents, wf)
         if mean is not None:
             contributors = []

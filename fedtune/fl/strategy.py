@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -33,32 +32,16 @@ from fedtune.fl.records import (
     RESIDUAL,
     RecordError,
     key_to_config,
-    metrics_record,
+    one_line,
     record_to_payload,
     record_to_state,
     state_to_record,
 )
+from fedtune.fl.stats import RoundStats, stats_metrics
+from fedtune.privacy.settings import PrivateRun
 
 Tensors = dict[str, torch.Tensor]
 FALLBACK_SLOT = 1 << 20  # slots of nodes that did not report a partition id
-
-
-@dataclass
-class RoundStats:
-    """What one training round did, for the progress line, the JSONL file and tests."""
-
-    round: int
-    sampled: int = 0
-    valid: int = 0
-    dropped: dict[str, str] = field(default_factory=dict)  # node id -> reason
-    train_loss: float = math.nan
-    num_examples: int = 0
-    bytes_up: int = 0  # sum over replies of the reply's ArrayRecord bytes
-    bytes_down: int = 0  # sum over sent messages of the ArrayRecord bytes
-    skipped: bool = False
-    update_norm: float = 0.0
-    chains: int = 0  # train messages that carried a payload chain instead of the dense adapter
-    privacy: dict[str, float] = field(default_factory=dict)  # dp-epsilon, ... of the round
 
 
 class FedTuneStrategy(FedAvg):
@@ -76,11 +59,7 @@ class FedTuneStrategy(FedAvg):
         node_wait: float = 300.0,
         downlink: str = "dense",
         client_initial: bool = False,
-        poisson: bool = False,
-        secagg: bool = False,
-        secagg_clip_range: float = 0.0,
-        secagg_threshold: float = 0.6,
-        max_weight: float = 1.0,
+        private: PrivateRun | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(fraction_evaluate=0.0, **fedavg_kwargs)
@@ -98,35 +77,11 @@ class FedTuneStrategy(FedAvg):
         self.current: Tensors = {}
         self.history: list[RoundStats] = []
         self._stats = RoundStats(0)
-        self.poisson = poisson  # dp: Poisson sampling, as the accountant assumes
-        self.secagg = secagg
-        self.secagg_clip_range = secagg_clip_range
-        self.secagg_threshold = secagg_threshold
-        self.max_weight = max_weight  # SecAgg+ without DP: the largest num-examples weight
+        self.private = private if private is not None else PrivateRun()
 
     def new_stats(self, server_round: int) -> RoundStats:
         """This round's stats (begun by configure_train)."""
         return self._stats if self._stats.round == server_round else RoundStats(server_round)
-
-    def clip_range(self) -> float:
-        """SecAgg's per-coordinate range: secagg-clip-range, else the round's DP clip norm."""
-        if self.secagg_clip_range > 0 or self.round.dp is None:
-            return self.secagg_clip_range
-        return float(self.round.dp.clip)
-
-    def privacy_config(self, sampled: int) -> dict[str, Any]:
-        """The train-config entries a client needs to clip / noise itself (or nothing)."""
-        out: dict[str, Any] = {}
-        dp = self.round.dp
-        if dp is not None:
-            distributed = dp.spec.mode == "distributed"
-            p = dp.client_params(sampled, client_side=self.secagg or distributed)
-            if p is not None:
-                out.update({"dp-clip": p.clip, "dp-noise-std": p.noise_std,
-                            "dp-bit-std": p.bit_std, "dp-seeded": p.seeded})  # fmt: skip
-        if self.secagg:
-            out["secagg-clip-range"] = self.clip_range()
-        return out
 
     # ------------------------------------------------------------------ configure
     def client_key(self, server_round: int, slot: int) -> int:
@@ -193,9 +148,9 @@ class FedTuneStrategy(FedAvg):
             len(by_slot),
             self.fraction_train,
             self.min_train_nodes,
-            poisson=self.poisson,
+            poisson=self.private.poisson,
         )
-        private = self.privacy_config(len(picks))
+        private = self.private.client_config(self.round.dp, len(picks))
         residual = self.round.residual  # exact mode: the dense residual goes with every message
         extra = {RESIDUAL: state_to_record(residual)} if residual else {}
         extra_bytes = sum(r.count_bytes() for r in extra.values())
@@ -226,7 +181,7 @@ class FedTuneStrategy(FedAvg):
     def decode_reply(self, server_round: int, msg: Message) -> rnd_.Update:
         """The update of one reply, or ValueError saying why it is invalid."""
         if msg.has_error():
-            raise ValueError(f"client error: {msg.error.reason}")
+            raise ValueError(f"client error: {one_line(msg.error.reason)}")
         node = msg.metadata.src_node_id
         if node not in self.issued:
             raise ValueError("reply from a node that was not sent a train message this round")
@@ -306,7 +261,7 @@ class FedTuneStrategy(FedAvg):
         if self.on_round is not None:
             self.on_round(stats)
         new = None if res.skipped else state_to_record(res.state)
-        return new, self._metrics(stats)
+        return new, stats_metrics(stats)
 
     def _replay_step(self, res: rnd_.RoundResult) -> Step:
         """What the round applied, as clients replay it (payloads, keys, weights, clip factors);
@@ -319,19 +274,6 @@ class FedTuneStrategy(FedAvg):
         )
         return Step(res.round, res.merge_key, updates)
 
-    @staticmethod
-    def _metrics(stats: RoundStats) -> MetricRecord:
-        m: dict[str, int | float] = {
-            "valid-replies": stats.valid,
-            "dropped-replies": len(stats.dropped),
-            "num-examples": stats.num_examples,
-            "bytes-up": stats.bytes_up,
-            "bytes-down": stats.bytes_down,
-        }
-        if math.isfinite(stats.train_loss):
-            m["train-loss"] = stats.train_loss
-        return metrics_record(m)
-
     def byte_totals(self) -> dict[int, tuple[int, int]]:
         """Slot -> (bytes up, bytes down) over the whole run, for the run summary."""
         return {s: (u, d) for s, (u, d) in sorted(self.slot_bytes.items())}
@@ -342,3 +284,4 @@ class FedTuneStrategy(FedAvg):
         log(INFO, "\t├── fedtune: codec=%s merger=%s server-opt=%s", *names)
         log(INFO, "\t├── fedtune: min-valid=%d downlink=%s", r.min_valid, self.downlink.mode)
         super().summary()
+
