@@ -4,7 +4,8 @@
         [--common "num-rounds=10"] [--per "d_mos_srht_ties:num-rounds=20"] [--target 0.62] [--name default]
 
 Every configuration is one real ``flwr run`` (through :mod:`fedtune.launch`) with the same
-seed, data and partitions. The report (a markdown table and two plots: held-out accuracy
+seed, data and partitions; ``--in-process`` runs each through :mod:`fedtune.simulate` instead
+(no Ray, no SuperLink: the same rounds, faster to start; see docs/architecture.md). The report (a markdown table and two plots: held-out accuracy
 against round and against cumulative uplink bytes) goes to ``docs/benchmarks.md`` (section
 ``compare-<name>``) and ``docs/img/``.
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._report import write_section  # noqa: E402
 from fedtune.launch import main as launch  # noqa: E402
 from fedtune.launch import parse_overrides  # noqa: E402
+from fedtune.simulate import main as simulate  # noqa: E402
 
 
 def _kv(d: dict[str, Any]) -> str:
@@ -35,13 +37,19 @@ def _kv(d: dict[str, Any]) -> str:
 
 
 def run_one(
-    name: str, overrides: dict[str, Any], out_dir: Path, flwr_home: str | None
+    name: str,
+    overrides: dict[str, Any],
+    out_dir: Path,
+    flwr_home: str | None,
+    in_process: bool = False,
 ) -> dict[str, Any]:
     """One configuration end to end; returns its metrics rows and wall time."""
     cfg = {**overrides, "output-dir": str(out_dir), "run-name": name}
-    args = ["-c", _kv(cfg)] + (["--flwr-home", flwr_home] if flwr_home else [])
     t0 = time.perf_counter()
-    rc = launch(args)
+    if in_process:
+        rc = simulate(["-c", _kv(cfg)])
+    else:
+        rc = launch(["-c", _kv(cfg)] + (["--flwr-home", flwr_home] if flwr_home else []))
     wall = time.perf_counter() - t0
     metrics = out_dir / name / "metrics.jsonl"
     if rc != 0 or not metrics.exists():
@@ -161,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="default", help="report section name")
     ap.add_argument("--out", default=str(ROOT / "simulations" / "out"))
     ap.add_argument("--flwr-home", default=None)
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run each configuration with fedtune.simulate (no Ray or SuperLink) instead of flwr run",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch docs/")
     ap.add_argument(
         "--reuse",
@@ -194,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         overrides = {**parse_overrides([path]), **common, **per.get(name, {})}
         print(f"compare: running {name} with {overrides}", flush=True)
-        results.append(run_one(name, overrides, out_dir, args.flwr_home))
+        results.append(run_one(name, overrides, out_dir, args.flwr_home, args.in_process))
     first = summarize(results[0], None)
     target = args.target
     if target is None and first["metric"] == "test-accuracy":

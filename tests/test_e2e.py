@@ -10,6 +10,17 @@ import torch
 from fedtune import pipeline
 from fedtune.config import parse
 from fedtune.launch import main as launch
+from fedtune.simulate import Simulation, build_config
+from tests.test_parity import assert_same_run
+
+
+def _environ(pid: int) -> list[str]:
+    """A process's environment ([] once it is gone or not ours to read)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
 
 
 def _kv(cfg: dict) -> str:
@@ -23,11 +34,13 @@ def test_two_round_simulation_saves_a_peft_adapter_that_reproduces_accuracy(
     from fedtune.launch import _process_table, _state
 
     def ours() -> set[int]:
-        """Live processes a simulation starts (others may be running on this machine)."""
+        """Live processes this test's simulation starts: the launcher gives each its FLWR_HOME
+        (a launch on the other xdist worker, or anything else on this machine, has another)."""
         return {
             pid
             for pid, (_, cmd) in _process_table().items()
             if _state(pid) not in ("", "Z")
+            and home in _environ(pid)
             and (
                 "flower-superlink" in cmd
                 or "flwr-simulation" in cmd
@@ -36,6 +49,7 @@ def test_two_round_simulation_saves_a_peft_adapter_that_reproduces_accuracy(
             )
         }
 
+    home = f"FLWR_HOME={(tmp_path / 'flwr-home').resolve()}"
     before = ours()
     rc = launch(["-c", _kv(tiny_run_config), "--flwr-home", str(tmp_path / "flwr-home")])
     out = capsys.readouterr().out
@@ -45,6 +59,11 @@ def test_two_round_simulation_saves_a_peft_adapter_that_reproduces_accuracy(
     # nothing of the run is left behind: SuperLink, simulation process, Ray
     left = ours() - before
     assert not left, [_process_table()[p][1][:120] for p in left if p in _process_table()]
+    # parity case (a) of issue 16 (tests/test_parity.py has the others): the in-process
+    # simulator gives the same run bit for bit
+    sim = {**tiny_run_config, "output-dir": str(tmp_path / "sim"), "run-name": "sim"}
+    Simulation(build_config([_kv(sim)]), echo=lambda s: None).run()
+    assert_same_run(tmp_path / "sim" / "sim", runs[0])
     rows = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["valid-replies"] == 3 for r in rows[1:])
@@ -97,11 +116,12 @@ def test_run_dirs_are_never_reused(tmp_path):
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_run_config, tmp_path):
-    """Kill the whole simulation (server included) after a random round, resume, compare.
+    """Kill the whole simulation (server included) after a random round, resume, compare
+    with an uninterrupted run.
 
-    The tiny model's rounds take a fraction of a second on a fast machine, so the kill is a
-    SIGKILL of the server's tree first (no SIGTERM grace in which rounds go on) and the run
-    has rounds to spare after the earliest kill point.
+        The tiny model's rounds take a fraction of a second on a fast machine, so the kill is a
+        SIGKILL of the server's tree first (no SIGTERM grace in which rounds go on) and the run
+        has rounds to spare after the earliest kill point.
     """
     import contextlib
     import os
@@ -118,7 +138,9 @@ def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_ru
 
     rounds = 6
     cfg = {**tiny_run_config, "num-rounds": rounds, "codec": "srht", "run-name": "full"}
-    assert launch(["-c", _kv(cfg), "--flwr-home", str(tmp_path / "h1")]) == 0
+    # the uninterrupted reference runs in process: tests/test_parity.py pins fedtune.simulate
+    # to `flwr run` bit for bit, and the interrupted run below is a real `flwr run`
+    Simulation(build_config([_kv(cfg)]), echo=lambda s: None).run()
 
     kill_after = random.Random(1234).choice([1, 2])  # a "random" round, reproducibly
     home = tmp_path / "h2"
@@ -211,8 +233,7 @@ def test_compare_script_on_a_tiny_model(tiny_run_config, tmp_path):
             _kv({**common, "num-rounds": 2, "mos-r": 3}),
             "--out",
             str(tmp_path / "cmp"),
-            "--flwr-home",
-            str(tmp_path / "flwr-home"),
+            "--in-process",  # what this proves is the script: flwr run is tested above
             "--no-write",
         ]
     )

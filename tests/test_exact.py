@@ -430,20 +430,20 @@ def test_exported_adapter_plus_residual_reproduces_the_server_metrics(
 
 
 @pytest.mark.slow
-def test_two_round_exact_simulation_exports_adapter_and_residual(tiny_run_config, tmp_path, capsys):
+def test_two_round_exact_simulation_exports_adapter_and_residual(tiny_run_config, tmp_path):
+    """In process: exact mode through a real `flwr run` is tests/test_parity.py's
+    'mos-exact-clip' case, bit-identical to this entry point."""
     import json
 
     from peft import PeftModel
 
     from fedtune import pipeline
-    from fedtune.launch import main as launch
     from fedtune.models import tiny_bert
+    from fedtune.simulate import Simulation, build_config
 
     run = {**tiny_run_config, "factor-mode": "exact"}
     kv = " ".join(f"{k}={json.dumps(v)}" for k, v in run.items())
-    rc = launch(["-c", kv, "--flwr-home", str(tmp_path / "flwr-home")])
-    out = capsys.readouterr().out
-    assert rc == 0, out
+    Simulation(build_config([kv]), echo=lambda s: None).run()
     (run_dir,) = list((tmp_path / "runs").iterdir())
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]

@@ -264,9 +264,10 @@ def test_too_few_replies_skip_the_round_and_the_run_still_ends(tiny_run_config, 
 
 @pytest.mark.slow
 def test_boosted_attackers_are_dropped_by_clip_reject_in_a_real_run(tiny_run_config, tmp_path):
-    """A real ``flwr run`` with one of 5 clients sending -100x updates: every round drops
-    exactly that client, with the reason in the log, and merges the other four."""
-    from fedtune.config import parse
+    """A real run (the in-process simulator: the same clients, attack wrapper and server round
+    as ``flwr run``, tests/test_parity.py) with one of 5 clients sending -100x updates: every
+    round drops exactly that client, with the reason in the log, and merges the other four."""
+    from fedtune.simulate import Simulation
 
     cfg = {
         **tiny_run_config,
@@ -277,10 +278,14 @@ def test_boosted_attackers_are_dropped_by_clip_reject_in_a_real_run(tiny_run_con
         "clip-norm": 1.0,
         "clip-mode": "median",
         "clip-reject": 10.0,
+        "run-name": "reject",
     }
     (bad,) = parts.attackers(parse(cfg), 5)
-    rc, out, _, rows = _simulate(cfg, tmp_path, "reject")
-    assert rc == 0, out[-4000:]
+    lines: list[str] = []
+    Simulation(parse(cfg), echo=lines.append).run()
+    out = "\n".join(lines)
+    metrics = Path(cfg["output-dir"]) / "reject" / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         assert r["valid-replies"] == 4 and r["dropped-replies"] == 1 and not r["skipped"]

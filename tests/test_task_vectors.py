@@ -34,6 +34,10 @@ SHAPES: dict[str, tuple[int, ...]] = {
 WEIGHTS = {"mixed": [3.0, 1.0, 0.0, 2.5], "equal": [1.0, 1.0, 1.0, 1.0]}
 KEY = 20240611
 PINNED = ("2.13.0+cpu", "x86_64")
+# PCB's intra-balancing calls torch.exp, whose vectorized kernel differs by CPU instruction set
+# (AVX2 vs AVX-512 give results a few ulp apart), so its digest is pinned to the ISA it was
+# recorded on; its sum and L1 norm are still checked to 1e-6 everywhere
+ISA_DEPENDENT = {"pcb": "AVX512"}
 
 
 def _inputs(seed: int, n: int) -> list[dict[str, torch.Tensor]]:
@@ -241,6 +245,8 @@ def inputs() -> list[dict[str, torch.Tensor]]:
 )
 def test_merge_equals_the_frozen_pre_pipeline_result(name, opts, expected, inputs) -> None:
     pinned = (torch.__version__, platform.machine()) == PINNED
+    isa = ISA_DEPENDENT.get(name)
+    pinned = pinned and (isa is None or torch.backends.cpu.get_cpu_capability() == isa)
     for wname, (digest, total, l1) in expected.items():
         out = merging.get(name, **opts).merge(inputs, WEIGHTS[wname], key=KEY)
         assert list(out) == list(SHAPES) and all(out[k].shape == SHAPES[k] for k in SHAPES)
