@@ -56,6 +56,9 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     "dense_fp16": ({"codec": "dense", "codec-coef-bits": 16}, [0]),
     "dense_int8": ({"codec": "dense", "codec-coef-bits": 8}, [0]),
     "topk_ef": ({"codec": "topk", "codec-density": 0.01, "error-feedback": True}, [0]),
+    # top-k at the bytes of the chosen subspace row (fp16 values: ~2.9 KB per client-round)
+    "topk_ef_d0.0095_fp16": ({"codec": "topk", "codec-density": 0.0095, "codec-value-bits": 16,
+                              "error-feedback": True}, [0]),
     "srht_k2048_int8_ef": (_SRHT, [0]),
     "spsa": ({"codec": "spsa", "codec-lr": 1e-4, "zo-eps": 1e-3}, [0]),
     # the seed-projected subspace method (fedtune/subspace.py) and its ablation
@@ -103,6 +106,18 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     "subspace_k1024_fp16_lr2x_ffa_headk256": (
         {**_SUB, "codec-k": 1024, "codec-coef-bits": 16, "codec-lr": 1e-2,
          "factor-mode": "ffa", "codec-head-k": 256},
+        [0],
+    ),
+    # int8 coefficients buy 2.6x the K of fp16 at the same bytes (<= 100x below dense)
+    "subspace_k2688_int8_lr2x_ffa_headk512": (
+        {**_SUB, "codec-k": 2688, "codec-coef-bits": 8, "codec-lr": 1e-2,
+         "factor-mode": "ffa", "codec-head-k": 512},
+        [0, 1],
+    ),
+    "subspace_k2688_int8_lr2x_ffa_headk512_m0.5": (
+        {**_SUB, "codec-k": 2688, "codec-coef-bits": 8, "codec-lr": 1e-2,
+         "factor-mode": "ffa", "codec-head-k": 512, "server-opt": "fedavgm",
+         "server-opt-lr": 1.0, "server-opt-momentum": 0.5},
         [0],
     ),
     # point 3: zeroth-order inside the round's subspace, first-order dense head
@@ -171,17 +186,27 @@ def run_one(name: str, seed: int, rounds: int, extra: dict[str, Any]) -> dict[st
     return {"rows": _rows_of(folder / "metrics.jsonl"), "wall": wall}
 
 
+def seed_entry(seed: int, run: dict[str, Any]) -> dict[str, Any]:
+    """One seed's JSON entry (curve, replies, wall) from its metrics rows."""
+    cum, curve = 0, []
+    for m in run["rows"]:
+        cum += int(m.get("bytes-up") or 0)
+        curve.append({"round": m["round"], "accuracy": m["test-accuracy"],
+                      "loss": m["test-loss"], "cumulative_uplink_bytes": cum})  # fmt: skip
+    replies = sum(int(m.get("valid-replies") or 0) for m in run["rows"])
+    return {"seed": seed, "curve": curve, "replies": replies, "wall": run["wall"]}
+
+
+def recorded(row: dict[str, Any] | None, want: dict[str, Any], seed: int) -> dict[str, Any] | None:
+    """The seed's entry of a row already in the JSON, if it ran the same run config (its run
+    folder may be gone: ``runs/`` is not committed, the JSON is)."""
+    if row is None or row.get("run_config") != want:
+        return None
+    return next((e for e in row.get("per_seed", []) if e["seed"] == seed), None)
+
+
 def summarize(name: str, rounds: int, seeds: list[int], extra: dict[str, Any],
-              runs: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
-    per_seed = []
-    for seed, r in zip(seeds, runs, strict=True):
-        cum, curve = 0, []
-        for m in r["rows"]:
-            cum += int(m.get("bytes-up") or 0)
-            curve.append({"round": m["round"], "accuracy": m["test-accuracy"],
-                          "loss": m["test-loss"], "cumulative_uplink_bytes": cum})  # fmt: skip
-        replies = sum(int(m.get("valid-replies") or 0) for m in r["rows"])
-        per_seed.append({"seed": seed, "curve": curve, "replies": replies, "wall": r["wall"]})
+              per_seed: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
     curve = [
         {
             "round": t,
@@ -288,8 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         done = {r["name"]: r for r in json.loads(out_path.read_text())}
     for n in names:
         seeds = [int(s) for s in args.seeds.split(",") if s] or ROWS[n][1]
-        runs = [run_one(n, s, args.rounds, extra) for s in seeds]
-        done[n] = summarize(n, args.rounds, seeds, extra, runs)
+        want = run_config(n, args.rounds, extra)
+        per_seed = []
+        for seed in seeds:
+            entry = recorded(done.get(n), want, seed)
+            if entry is not None:
+                print(f"frontier: {n} s{seed}: reusing the JSON's recorded run", flush=True)
+            per_seed.append(entry or seed_entry(seed, run_one(n, seed, args.rounds, extra)))
+        done[n] = summarize(n, args.rounds, seeds, extra, per_seed)
         ordered = [done[k] for k in ROWS if k in done] + [
             v for k, v in done.items() if k not in ROWS
         ]
