@@ -120,6 +120,16 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
          "server-opt-lr": 1.0, "server-opt-momentum": 0.5},
         [0],
     ),
+    "subspace_k1536_int8_lr2x_ffa_headint8": (
+        {**_SUB, "codec-k": 1536, "codec-coef-bits": 8, "codec-lr": 1e-2,
+         "factor-mode": "ffa", "codec-head": "dense", "codec-head-bits": 8},
+        [0],
+    ),
+    "subspace_k2688_int8_lr2x_ffa_headk512_steps40": (
+        {**_SUB, "codec-k": 2688, "codec-coef-bits": 8, "codec-lr": 1e-2,
+         "factor-mode": "ffa", "codec-head-k": 512, "local-steps": 40},
+        [0],
+    ),
     # point 3: zeroth-order inside the round's subspace, first-order dense head
     "subspace_zo_k256_head16": (
         {"trainer": "subspace-zo", "codec": "subspace", "codec-k": 256, "codec-coef-bits": 16,
@@ -131,6 +141,9 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     "ties_d0.2": ({"merger": "ties", "merger-density": 0.2}, [0]),
     "ties_d0.2_slr0.5": ({"merger": "ties", "merger-density": 0.2, "server-opt": "sgd",
                           "server-opt-lr": 0.5}, [0]),
+    # TIES's direction at FedAvg's step length (fedtune/merging/task_vectors.MeanNormMatched)
+    "ties_d0.2_meannorm": ({"merger": "ties", "merger-density": 0.2,
+                            "merger-rescale": "mean-norm"}, [0]),
 }  # fmt: skip
 
 

@@ -467,6 +467,7 @@ class Config:
             "ratio",
             "normalize",
             "beta",
+            "rescale",
         ),
     )
     server_opt_options: tuple[tuple[str, Scalar], ...] = key(

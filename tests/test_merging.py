@@ -47,7 +47,7 @@ def test_registry_lists_all_methods() -> None:
 def test_unknown_method_and_option_fail_fast() -> None:
     with pytest.raises(RegistryError, match=r"allowed: .*fedavg.*ties"):
         merging.get("tie")
-    with pytest.raises(RegistryError, match="allowed: density, scale, scope"):
+    with pytest.raises(RegistryError, match="allowed: density, rescale, scale, scope"):
         merging.get("ties", densty=0.2)
     with pytest.raises(RegistryError, match="density"):
         merging.get("ties", density=1.5)
@@ -206,6 +206,25 @@ def test_ties_oracle_with_trim() -> None:
     assert out["w"].tolist() == [0.0, 5.0, -6.0, -3.0]
     out = merging.get("ties", density=0.5, scale=2.0).merge(d, w)
     assert out["w"].tolist() == [0.0, 10.0, -12.0, -6.0]
+
+
+def test_ties_mean_norm_rescale_keeps_direction_and_takes_fedavgs_norm() -> None:
+    # Same oracle as above: TIES gives [0, 5, -6, -3]; the weighted mean of the untrimmed
+    # deltas is (Σ w x) / Σ w = [1, 10, -3.5, -0.8] / 4 (what the trim dropped counts too).
+    d = _rows([[4, -1, 0.5, -3], [-2, 5, 1, 0.1], [1, 1, -6, 2]])
+    w = [1.0, 2.0, 1.0]
+    mean = torch.tensor([1.0, 10.0, -3.5, -0.8]) / 4
+    ties = torch.tensor([0.0, 5.0, -6.0, -3.0])
+    for scale in (1.0, 0.5):
+        out = merging.get("ties", density=0.5, rescale="mean-norm", scale=scale).merge(d, w)["w"]
+        want = ties * (mean.norm() / ties.norm()) * scale
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=0)
+    # streaming equals batch, and an all-zero round stays zero (no 0/0)
+    m = merging.get("ties", density=0.5, rescale="mean-norm")
+    zero = _rows([[0, 0, 0, 0], [0, 0, 0, 0]])
+    assert m.merge(zero, [1, 1])["w"].abs().sum() == 0
+    with pytest.raises(RegistryError, match="rescale"):
+        merging.get("ties", rescale="norm")
 
 
 def test_ties_threshold_ties_all_kept() -> None:

@@ -36,7 +36,7 @@ import abc
 import inspect
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -54,6 +54,7 @@ from .sparsify import (
 #: Where a magnitude trim ranks entries: the whole delta (the TIES paper) or each tensor.
 SCOPES = ("global", "tensor")
 MERGES = ("sum", "max-magnitude")
+RESCALES = ("none", "mean-norm")
 
 #: ``(flat_offset, values, threshold)``; the kept entries are ``magnitude_mask(values, threshold)``.
 Piece = tuple[int, Tensor, float | None]
@@ -229,6 +230,32 @@ class DisjointMean:
         return scaled(self.acc.finish(), steps.scale)
 
 
+class MeanNormMatched:
+    """Another accumulator's merge rescaled to the L2 norm of the plain weighted mean
+    ``‖Σ_i w_i τ_i / Σ_i w_i‖`` of the untrimmed deltas (+d floats), then multiplied by λ.
+
+    Why (issue 17, point 4): TIES's disjoint mean keeps the full magnitude of the clients that
+    agree, where FedAvg's mean shrinks with their disagreement; across federated rounds this
+    makes TIES's step several times FedAvg's on the coordinates it keeps (the classifier head
+    first), and the global model overshoots. Matching the norm keeps TIES's direction (trim,
+    elect, disjoint merge) with FedAvg's step length."""
+
+    def __init__(self, inner: Accumulator, layout: FlatLayout) -> None:
+        self.inner, self.mean = inner, WeightedSum(layout)
+
+    def add(self, offset: int, x: Tensor, threshold: float | None, weight: float) -> None:
+        self.inner.add(offset, x, threshold, weight)
+        self.mean.add(offset, x, None, weight)
+
+    def finish(self, steps: Steps, weight_sum: float, count: int) -> Tensor:
+        out = self.inner.finish(replace(steps, scale=1.0), weight_sum, count)
+        target = self.mean.finish(Steps(), weight_sum, count).norm()
+        have = out.norm()
+        if have > 0:
+            out.mul_(target / have)
+        return scaled(out, steps.scale)
+
+
 class MaxMagnitude:
     """Per coordinate the value with the largest ``|·|`` so far (ties: the later client);
     zero-weight clients are skipped, other weights ignored (d floats)."""
@@ -264,9 +291,15 @@ class Steps:
     merge: str = "sum"
     normalize: bool = True
     scale: float = 1.0
+    #: "none", or "mean-norm": rescale the merge to the norm of the plain weighted mean
+    #: (:class:`MeanNormMatched`); it applies to the untouched deltas of a one-stage sparsify
+    rescale: str = "none"
 
     def __post_init__(self) -> None:
         check_choice("merge", self.merge, MERGES)
+        check_choice("rescale", self.rescale, RESCALES)
+        if self.rescale != "none" and len(self.sparsify) > 1:
+            raise ValueError("rescale='mean-norm' needs at most one sparsify stage")
         if self.elect and (self.merge != "sum" or not self.normalize):
             raise ValueError("sign election is followed by the disjoint mean (sum, normalized)")
 
@@ -283,12 +316,16 @@ class Steps:
             and self.merge == "sum"
             and self.normalize
             and (self.scale == 1.0)
+            and self.rescale == "none"
         )
 
     def accumulator(self, layout: FlatLayout) -> Accumulator:
+        acc: Accumulator
         if self.elect:
-            return DisjointMean(layout)
-        return WeightedSum(layout) if self.merge == "sum" else MaxMagnitude(layout)
+            acc = DisjointMean(layout)
+        else:
+            acc = WeightedSum(layout) if self.merge == "sum" else MaxMagnitude(layout)
+        return MeanNormMatched(acc, layout) if self.rescale == "mean-norm" else acc
 
     def sparsified(self, layout: FlatLayout, delta: Delta, key: int | None) -> Iterator[Piece]:
         """Step 1 on one client's delta."""

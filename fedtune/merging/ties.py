@@ -20,6 +20,11 @@ fedtune convention (docs/DESIGN.md §4), with the deviations from the paper:
    weighted sum by the *count* of agreeing clients, so it coincides only for unit weights.)
 4. Multiply by ``scale`` (λ, default 1).
 
+``rescale='mean-norm'`` (fedtune, not in the paper; issue 17 point 4): before λ, the merged
+vector is rescaled to the norm of the plain weighted mean of the untrimmed deltas, so that a
+federated round moves the global adapter by FedAvg's step length in TIES's direction
+(:class:`.task_vectors.MeanNormMatched` says why). Default ``'none'`` (the paper).
+
 Steps (:mod:`.task_vectors`): ``Magnitude(density, scope)``, elect, scale. Streaming:
 trimming uses only the client's own delta, so it happens in ``add``; elect and disjoint mean
 need four running vectors (:class:`.sparsify.SignedAccumulator`). Verified in the research
@@ -34,7 +39,15 @@ from .base import check_choice, check_range, register
 
 # Unused here (task_vectors chunks); kept as tests/test_merging.py monkeypatches this name.
 from .sparsify import chunk_size  # noqa: F401
-from .task_vectors import SCOPES, Magnitude, Steps, TaskVectorMerger, check_scale, set_checked
+from .task_vectors import (
+    RESCALES,
+    SCOPES,
+    Magnitude,
+    Steps,
+    TaskVectorMerger,
+    check_scale,
+    set_checked,
+)
 
 
 @dataclass(frozen=True)
@@ -42,14 +55,21 @@ class TiesOptions:
     density: float = 0.2
     scale: float = 1.0
     scope: str = "global"
+    rescale: str = "none"
 
     def __post_init__(self) -> None:
         density = check_range("density", self.density, 0.0, 1.0, lo_open=True)
         set_checked(self, density=density, scale=check_scale(self.scale))
         check_choice("scope", self.scope, SCOPES)
+        check_choice("rescale", self.rescale, RESCALES)
 
     def steps(self) -> Steps:
-        return Steps(sparsify=(Magnitude(self.density, self.scope),), elect=True, scale=self.scale)
+        return Steps(
+            sparsify=(Magnitude(self.density, self.scope),),
+            elect=True,
+            scale=self.scale,
+            rescale=self.rescale,
+        )
 
 
 @register("ties")
