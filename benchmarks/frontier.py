@@ -137,6 +137,20 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
          "factor-mode": "ffa", "local-steps": 40},
         [0],
     ),
+    # point 3, <= 4 KB: K=512 fp16 ZO body + first-order dense fp16 head, 40 ZO steps
+    "subspace_zo_k512_headfp16_steps40": (
+        {"trainer": "subspace-zo", "codec": "subspace", "codec-k": 512, "codec-coef-bits": 16,
+         "codec-head": "dense", "codec-head-bits": 16, "codec-lr": 1e-2, "codec-head-lr": 1e-2,
+         "zo-eps": 1e-2, "factor-mode": "ffa", "local-steps": 40},
+        [0],
+    ),
+    # its ablation: the same head, the ZO body switched off (z's learning rate ~ 0)
+    "subspace_zo_k512_headfp16_steps40_bodyoff": (
+        {"trainer": "subspace-zo", "codec": "subspace", "codec-k": 512, "codec-coef-bits": 16,
+         "codec-head": "dense", "codec-head-bits": 16, "codec-lr": 1e-12, "codec-head-lr": 1e-2,
+         "zo-eps": 1e-2, "factor-mode": "ffa", "local-steps": 40},
+        [0],
+    ),
     # point 3: TIES with a server step size
     "ties_d0.2": ({"merger": "ties", "merger-density": 0.2}, [0]),
     "ties_d0.2_slr0.5": ({"merger": "ties", "merger-density": 0.2, "server-opt": "sgd",
