@@ -120,6 +120,11 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
          "server-opt-lr": 1.0, "server-opt-momentum": 0.5},
         [0],
     ),
+    "subspace_k2688_int8_lr4x_ffa_headk512": (
+        {**_SUB, "codec-k": 2688, "codec-coef-bits": 8, "codec-lr": 2e-2,
+         "factor-mode": "ffa", "codec-head-k": 512},
+        [0],
+    ),
     "subspace_k1536_int8_lr2x_ffa_headint8": (
         {**_SUB, "codec-k": 1536, "codec-coef-bits": 8, "codec-lr": 1e-2,
          "factor-mode": "ffa", "codec-head": "dense", "codec-head-bits": 8},
@@ -320,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume-json", action="store_true", help="keep rows already in the JSON")
     ap.add_argument("--json", default=str(RESULTS))
     ap.add_argument("--no-doc", action="store_true", help="write only the JSON")
+    ap.add_argument(
+        "--add-json", action="append", default=[],
+        help="another run's JSON whose recorded seeds are reused (rows run in parallel)",
+    )  # fmt: skip
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
     args = ap.parse_args(argv)
     if args.list:
@@ -338,6 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     done: dict[str, dict[str, Any]] = {}
     if args.resume_json and out_path.exists():
         done = {r["name"]: r for r in json.loads(out_path.read_text())}
+    for extra_json in args.add_json:
+        for r in json.loads(Path(extra_json).read_text()):
+            have = done.get(r["name"])
+            if have is not None and have.get("run_config") == r["run_config"]:
+                seen = {e["seed"] for e in r["per_seed"]}
+                r = {**r, "per_seed": r["per_seed"] + [
+                    e for e in have["per_seed"] if e["seed"] not in seen
+                ]}  # fmt: skip
+            done[r["name"]] = r
     for n in names:
         seeds = [int(s) for s in args.seeds.split(",") if s] or ROWS[n][1]
         want = run_config(n, args.rounds, extra)
