@@ -123,7 +123,7 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     "subspace_k2688_int8_lr4x_ffa_headk512": (
         {**_SUB, "codec-k": 2688, "codec-coef-bits": 8, "codec-lr": 2e-2,
          "factor-mode": "ffa", "codec-head-k": 512},
-        [0],
+        [0, 1],
     ),
     "subspace_k1536_int8_lr2x_ffa_headint8": (
         {**_SUB, "codec-k": 1536, "codec-coef-bits": 8, "codec-lr": 1e-2,
@@ -182,7 +182,9 @@ def _rows_of(path: Path) -> list[dict[str, Any]]:
 
 def run_one(name: str, seed: int, rounds: int, extra: dict[str, Any]) -> dict[str, Any]:
     """One seed of one row: its metrics rows (round 0..rounds) and wall seconds."""
-    tag = "" if not extra else "-" + "-".join(f"{k}{v}" for k, v in sorted(extra.items()))
+    tag = "" if not extra else "-" + "-".join(
+        f"{k}{Path(str(v)).name}" for k, v in sorted(extra.items())
+    )  # a data path's file name only: the tag is one folder name
     folder = RUNS / f"{name}{tag}-r{rounds}-s{seed}"
     wall_file = folder / "frontier_wall.json"
     rows = _rows_of(folder / "metrics.jsonl")
