@@ -49,6 +49,14 @@ _SRHT = {
     "error-feedback": True,
 }
 _SUB = {"trainer": "subspace", "codec": "subspace"}
+#: the issue-17 subspace family: 2688 int8 coordinates (2.6x fp16's K at the same bytes, <= 100x
+#: below dense), A frozen (FFA-LoRA), 512 of them for the head, z's AdamW rate 1e-2
+_K2688 = {**_SUB, "codec-k": 2688, "codec-coef-bits": 8, "codec-lr": 1e-2, "factor-mode": "ffa",
+          "codec-head-k": 512}  # fmt: skip
+#: K=512 fp16 ZO body + first-order dense fp16 head, 40 ZO steps (<= 4 KB per client-round)
+_ZO512 = {"trainer": "subspace-zo", "codec": "subspace", "codec-k": 512, "codec-coef-bits": 16,
+          "codec-head": "dense", "codec-head-bits": 16, "codec-lr": 1e-2, "codec-head-lr": 1e-2,
+          "zo-eps": 1e-2, "factor-mode": "ffa", "local-steps": 40}  # fmt: skip
 
 #: name -> (overrides, seeds); the order is the table's
 ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
@@ -108,33 +116,18 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
          "factor-mode": "ffa", "codec-head-k": 256},
         [0],
     ),
-    # int8 coefficients buy 2.6x the K of fp16 at the same bytes (<= 100x below dense)
-    "subspace_k2688_int8_lr2x_ffa_headk512": (
-        {**_SUB, "codec-k": 2688, "codec-coef-bits": 8, "codec-lr": 1e-2,
-         "factor-mode": "ffa", "codec-head-k": 512},
-        [0, 1],
-    ),
+    "subspace_k2688_int8_lr2x_ffa_headk512": (_K2688, [0, 1]),
     "subspace_k2688_int8_lr2x_ffa_headk512_m0.5": (
-        {**_SUB, "codec-k": 2688, "codec-coef-bits": 8, "codec-lr": 1e-2,
-         "factor-mode": "ffa", "codec-head-k": 512, "server-opt": "fedavgm",
-         "server-opt-lr": 1.0, "server-opt-momentum": 0.5},
+        {**_K2688, "server-opt": "fedavgm", "server-opt-lr": 1.0, "server-opt-momentum": 0.5},
         [0],
     ),
-    "subspace_k2688_int8_lr4x_ffa_headk512": (
-        {**_SUB, "codec-k": 2688, "codec-coef-bits": 8, "codec-lr": 2e-2,
-         "factor-mode": "ffa", "codec-head-k": 512},
-        [0, 1],
-    ),
+    "subspace_k2688_int8_lr4x_ffa_headk512": ({**_K2688, "codec-lr": 2e-2}, [0, 1]),
     "subspace_k1536_int8_lr2x_ffa_headint8": (
         {**_SUB, "codec-k": 1536, "codec-coef-bits": 8, "codec-lr": 1e-2,
          "factor-mode": "ffa", "codec-head": "dense", "codec-head-bits": 8},
         [0],
     ),
-    "subspace_k2688_int8_lr2x_ffa_headk512_steps40": (
-        {**_SUB, "codec-k": 2688, "codec-coef-bits": 8, "codec-lr": 1e-2,
-         "factor-mode": "ffa", "codec-head-k": 512, "local-steps": 40},
-        [0],
-    ),
+    "subspace_k2688_int8_lr2x_ffa_headk512_steps40": ({**_K2688, "local-steps": 40}, [0]),
     # point 3: zeroth-order inside the round's subspace, first-order dense head
     "subspace_zo_k256_head16": (
         {"trainer": "subspace-zo", "codec": "subspace", "codec-k": 256, "codec-coef-bits": 16,
@@ -142,21 +135,10 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
          "factor-mode": "ffa", "local-steps": 40},
         [0],
     ),
-    # point 3, <= 4 KB: K=512 fp16 ZO body + first-order dense fp16 head, 40 ZO steps
-    "subspace_zo_k512_headfp16_steps40": (
-        {"trainer": "subspace-zo", "codec": "subspace", "codec-k": 512, "codec-coef-bits": 16,
-         "codec-head": "dense", "codec-head-bits": 16, "codec-lr": 1e-2, "codec-head-lr": 1e-2,
-         "zo-eps": 1e-2, "factor-mode": "ffa", "local-steps": 40},
-        [0],
-    ),
-    # its ablation: the same head, the ZO body switched off (z's learning rate ~ 0)
-    "subspace_zo_k512_headfp16_steps40_bodyoff": (
-        {"trainer": "subspace-zo", "codec": "subspace", "codec-k": 512, "codec-coef-bits": 16,
-         "codec-head": "dense", "codec-head-bits": 16, "codec-lr": 1e-12, "codec-head-lr": 1e-2,
-         "zo-eps": 1e-2, "factor-mode": "ffa", "local-steps": 40},
-        [0],
-    ),
-    # point 3: TIES with a server step size
+    # point 3, <= 4 KB, and its ablation: the same head, the ZO body off (z's rate ~ 0)
+    "subspace_zo_k512_headfp16_steps40": (_ZO512, [0]),
+    "subspace_zo_k512_headfp16_steps40_bodyoff": ({**_ZO512, "codec-lr": 1e-12}, [0]),
+    # point 4: TIES with a server step size
     "ties_d0.2": ({"merger": "ties", "merger-density": 0.2}, [0]),
     "ties_d0.2_slr0.5": ({"merger": "ties", "merger-density": 0.2, "server-opt": "sgd",
                           "server-opt-lr": 0.5}, [0]),

@@ -219,12 +219,18 @@ def test_ties_mean_norm_rescale_keeps_direction_and_takes_fedavgs_norm() -> None
         out = merging.get("ties", density=0.5, rescale="mean-norm", scale=scale).merge(d, w)["w"]
         want = ties * (mean.norm() / ties.norm()) * scale
         torch.testing.assert_close(out, want, rtol=1e-6, atol=0)
-    # streaming equals batch, and an all-zero round stays zero (no 0/0)
+    # an all-zero round stays zero (no 0/0); a stage that changes the pieces is refused
     m = merging.get("ties", density=0.5, rescale="mean-norm")
     zero = _rows([[0, 0, 0, 0], [0, 0, 0, 0]])
     assert m.merge(zero, [1, 1])["w"].abs().sum() == 0
     with pytest.raises(RegistryError, match="rescale"):
         merging.get("ties", rescale="norm")
+    from fedtune.merging.task_vectors import Magnitude, RandomDrop, Steps
+
+    with pytest.raises(ValueError, match="Magnitude"):
+        Steps(sparsify=(RandomDrop(0.5),), rescale="mean-norm")
+    with pytest.raises(ValueError, match="Magnitude"):
+        Steps(sparsify=(Magnitude(0.5), Magnitude(0.2)), rescale="mean-norm")
 
 
 def test_ties_threshold_ties_all_kept() -> None:

@@ -292,14 +292,17 @@ class Steps:
     normalize: bool = True
     scale: float = 1.0
     #: "none", or "mean-norm": rescale the merge to the norm of the plain weighted mean
-    #: (:class:`MeanNormMatched`); it applies to the untouched deltas of a one-stage sparsify
+    #: (:class:`MeanNormMatched`); only with no sparsify stage or one Magnitude trim, whose
+    #: pieces are the untouched deltas
     rescale: str = "none"
 
     def __post_init__(self) -> None:
         check_choice("merge", self.merge, MERGES)
         check_choice("rescale", self.rescale, RESCALES)
-        if self.rescale != "none" and len(self.sparsify) > 1:
-            raise ValueError("rescale='mean-norm' needs at most one sparsify stage")
+        if self.rescale != "none" and (
+            len(self.sparsify) > 1 or not all(isinstance(x, Magnitude) for x in self.sparsify)
+        ):  # the mean is taken of the pieces, which only a lone Magnitude stage leaves untouched
+            raise ValueError("rescale='mean-norm' needs at most one sparsify stage, a Magnitude trim")
         if self.elect and (self.merge != "sum" or not self.normalize):
             raise ValueError("sign election is followed by the disjoint mean (sum, normalized)")
 
