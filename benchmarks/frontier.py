@@ -58,6 +58,9 @@ _ZO512 = {"trainer": "subspace-zo", "codec": "subspace", "codec-k": 512, "codec-
           "codec-head": "dense", "codec-head-bits": 16, "codec-lr": 1e-2, "codec-head-lr": 1e-2,
           "zo-eps": 1e-2, "factor-mode": "ffa", "local-steps": 40}  # fmt: skip
 
+#: a label-skewed federation of the same size as the default one
+_DIR01 = {"partitioning": "dirichlet", "dirichlet-alpha": 0.1, "num-partitions": 11}
+
 #: name -> (overrides, seeds); the order is the table's
 ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     "dense_fp32": ({"codec": "dense"}, [0, 1]),
@@ -122,6 +125,15 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
         [0],
     ),
     "subspace_k2688_int8_lr4x_ffa_headk512": ({**_K2688, "codec-lr": 2e-2}, [0, 1]),
+    # the preset with server momentum on the reconstructed update, and with 40 local steps
+    "subspace_k2688_int8_lr4x_ffa_headk512_m0.5": (
+        {**_K2688, "codec-lr": 2e-2, "server-opt": "fedavgm", "server-opt-lr": 1.0,
+         "server-opt-momentum": 0.5},
+        [0, 1],
+    ),
+    "subspace_k2688_int8_lr4x_ffa_headk512_steps40": (
+        {**_K2688, "codec-lr": 2e-2, "local-steps": 40}, [0],
+    ),
     "subspace_k1536_int8_lr2x_ffa_headint8": (
         {**_SUB, "codec-k": 1536, "codec-coef-bits": 8, "codec-lr": 1e-2,
          "factor-mode": "ffa", "codec-head": "dense", "codec-head-bits": 8},
@@ -145,6 +157,10 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     # TIES's direction at FedAvg's step length (fedtune/merging/task_vectors.MeanNormMatched)
     "ties_d0.2_meannorm": ({"merger": "ties", "merger-density": 0.2,
                             "merger-rescale": "mean-norm"}, [0]),
+    # point 4 on a label-skewed federation: 11 Dirichlet(0.1) clients, FedAvg vs TIES
+    "dense_fp32_dir0.1": ({"codec": "dense", **_DIR01}, [0]),
+    "ties_d0.2_meannorm_dir0.1": ({"merger": "ties", "merger-density": 0.2,
+                                   "merger-rescale": "mean-norm", **_DIR01}, [0]),
 }  # fmt: skip
 
 

@@ -45,6 +45,25 @@ def _label_sorted(n: int, clients: int = 1):
     )
 
 
+def test_dirichlet_with_many_partitions_fills_the_empty_ones():
+    """flwr-datasets gives up after 10 Dirichlet draws that leave a partition empty (issue 18:
+    1,000 clients failed); fedtune then moves one keyed row into each empty partition."""
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    pool = _label_sorted(300)
+    plain = DirichletPartitioner(num_partitions=200, partition_by="label", alpha=0.1,
+                                 min_partition_size=1, self_balancing=False, seed=0)  # fmt: skip
+    plain.dataset = pool
+    with pytest.raises(ValueError):  # the case the fallback is for
+        plain.load_partition(0)
+    parts, names = partition(pool, "dirichlet", 200, alpha=0.1, seed=0)
+    assert len(parts) == len(names) == 200 and min(len(p) for p in parts) >= 1
+    seen = [i for p in parts for i in _ids(p)]
+    assert len(seen) == len(set(seen)) == len(pool)  # nothing lost, nothing twice
+    again, _ = partition(pool, "dirichlet", 200, alpha=0.1, seed=0)
+    assert [_ids(p) for p in parts] == [_ids(p) for p in again]  # keyed: reproducible
+
+
 def test_iid_shards_of_a_label_sorted_pool_mix_every_label():
     """flwr-datasets' IidPartitioner cuts contiguous shards; on a sorted pool that is one label
     per client unless the pool is shuffled first (it was, before session 5: not IID at all)."""

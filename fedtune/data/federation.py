@@ -96,9 +96,40 @@ def partition(
     else:
         raise DataError(f"unknown partitioning {how!r}; allowed: natural, iid, dirichlet")
     p.dataset = ds
-    return [p.load_partition(i) for i in range(num_partitions)], [
-        f"{how}-{i}" for i in range(num_partitions)
-    ]
+    names = [f"{how}-{i}" for i in range(num_partitions)]
+    try:
+        return [p.load_partition(i) for i in range(num_partitions)], names
+    except ValueError:
+        if how != "dirichlet":
+            raise
+    # flwr-datasets redraws Dirichlet(α) until no partition is empty and gives up after 10
+    # tries. With many partitions that is expected to fail (1,000 clients, 3 labels, α = 0.5:
+    # about a dozen empty partitions per draw), so draw once allowing empties and give each
+    # empty partition one keyed row of the largest one. Only reached where flwr-datasets
+    # fails, so every federation it could build is unchanged.
+    p = DirichletPartitioner(
+        num_partitions=num_partitions,
+        partition_by="label",
+        alpha=alpha,
+        min_partition_size=0,
+        self_balancing=False,
+        seed=seed,
+    )
+    p.dataset = ds
+    return _fill_empty([p.load_partition(i) for i in range(num_partitions)], seed), names
+
+
+def _fill_empty(parts: list[Dataset], seed: int) -> list[Dataset]:
+    """Move one keyed row from the currently largest partition into each empty one."""
+    parts = list(parts)
+    for i in [i for i, d in enumerate(parts) if len(d) == 0]:
+        j = max(range(len(parts)), key=lambda k: (len(parts[k]), -k))
+        if len(parts[j]) < 2:
+            raise DataError(f"cannot give partition {i} a row: too few training rows")
+        row = int(rng.randint(rng.derive_key(seed, 0xE3D7, i), 0, 1, len(parts[j]))[0])
+        keep = [r for r in range(len(parts[j])) if r != row]
+        parts[i], parts[j] = parts[j].select([row]), parts[j].select(keep)
+    return parts
 
 
 def split_and_partition(
