@@ -234,6 +234,21 @@ def test_three_supernodes_run_two_rounds_over_loopback(deployment, tiny_run_conf
     for i in range(NODES):
         assert "Start `flwr-clientapp` process" in d.log(f"supernode-{i}")
 
+    # the same TLS deployment runs SecAgg+ (issue 19): Flower's workflow on the SuperLink side,
+    # secaggplus_mod in each SuperNode's ClientApp processes, its state kept between the
+    # four stage messages by the SuperNode; the server sees only the masked sum
+    secure = {**cfg, "codec": "dense", "merger": "fedavg", "secagg": "secaggplus",
+              "secagg-clip-range": 0.5, "num-rounds": 1, "run-name": "deployed-secagg"}  # fmt: skip
+    run_id = _start_run(d, secure)
+    status = _wait_for_run(d, run_id, RUN_TIMEOUT_S)
+    assert status == "finished:completed", (
+        f"SecAgg+ run {run_id} ended as {status!r}:\n{d.log('superlink')[-3000:]}"
+    )
+    rows = _rows(Path(tiny_run_config["output-dir"]) / "deployed-secagg")
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["valid-replies"] == NODES and not rows[1]["skipped"]
+    assert rows[1]["test-loss"] != rows[0]["test-loss"]  # the secure mean was applied
+
     d.script("stop", timeout=60)
     assert not [p for p in d.known if _running(p)], "deploy/stop.sh left processes behind"
     assert not list((d.dir / "pids").glob("*.pid"))
