@@ -157,6 +157,15 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     # TIES's direction at FedAvg's step length (fedtune/merging/task_vectors.MeanNormMatched)
     "ties_d0.2_meannorm": ({"merger": "ties", "merger-density": 0.2,
                             "merger-rescale": "mean-norm"}, [0]),
+    # half the coordinates kept: TIES's elected sign with less of the update trimmed away
+    "ties_d0.5_meannorm": ({"merger": "ties", "merger-density": 0.5,
+                            "merger-rescale": "mean-norm"}, [0]),
+    # TIES on projected updates: the preset's reconstructed subspace updates merged by TIES
+    "subspace_k2688_int8_lr4x_ffa_headk512_ties_d0.5_meannorm": (
+        {**_K2688, "codec-lr": 2e-2, "merger": "ties", "merger-density": 0.5,
+         "merger-rescale": "mean-norm"},
+        [0],
+    ),
     # point 4 on a label-skewed federation: 11 Dirichlet(0.1) clients, FedAvg vs TIES
     "dense_fp32_dir0.1": ({"codec": "dense", **_DIR01}, [0]),
     "ties_d0.2_meannorm_dir0.1": ({"merger": "ties", "merger-density": 0.2,

@@ -13,6 +13,7 @@ This module imports no other module of :mod:`fedtune.data`; the task loaders
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -98,7 +99,9 @@ def partition(
     p.dataset = ds
     names = [f"{how}-{i}" for i in range(num_partitions)]
     try:
-        return [p.load_partition(i) for i in range(num_partitions)], names
+        with warnings.catch_warnings():  # its per-try warnings: a failure is handled below
+            warnings.filterwarnings("ignore", "The specified min_partition_size", UserWarning)
+            return [p.load_partition(i) for i in range(num_partitions)], names
     except ValueError:
         if how != "dirichlet":
             raise
