@@ -170,6 +170,8 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     "dense_fp32_dir0.1": ({"codec": "dense", **_DIR01}, [0]),
     "ties_d0.2_meannorm_dir0.1": ({"merger": "ties", "merger-density": 0.2,
                                    "merger-rescale": "mean-norm", **_DIR01}, [0]),
+    "ties_d0.5_meannorm_dir0.1": ({"merger": "ties", "merger-density": 0.5,
+                                   "merger-rescale": "mean-norm", **_DIR01}, [0]),
 }  # fmt: skip
 
 
