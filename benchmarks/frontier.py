@@ -63,7 +63,7 @@ _DIR01 = {"partitioning": "dirichlet", "dirichlet-alpha": 0.1, "num-partitions":
 
 #: name -> (overrides, seeds); the order is the table's
 ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
-    "dense_fp32": ({"codec": "dense"}, [0, 1]),
+    "dense_fp32": ({"codec": "dense"}, [0, 1, 2]),
     "dense_fp16": ({"codec": "dense", "codec-coef-bits": 16}, [0]),
     "dense_int8": ({"codec": "dense", "codec-coef-bits": 8}, [0]),
     "topk_ef": ({"codec": "topk", "codec-density": 0.01, "error-feedback": True}, [0]),
@@ -129,7 +129,7 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     "subspace_k2688_int8_lr4x_ffa_headk512_m0.5": (
         {**_K2688, "codec-lr": 2e-2, "server-opt": "fedavgm", "server-opt-lr": 1.0,
          "server-opt-momentum": 0.5},
-        [0, 1],
+        [0, 1, 2],
     ),
     "subspace_k2688_int8_lr4x_ffa_headk512_steps40": (
         {**_K2688, "codec-lr": 2e-2, "local-steps": 40}, [0],
