@@ -54,6 +54,10 @@ _SUB = {"trainer": "subspace", "codec": "subspace"}
 _K2688 = {**_SUB, "codec-k": 2688, "codec-coef-bits": 8, "codec-lr": 1e-2, "factor-mode": "ffa",
           "codec-head-k": 512}  # fmt: skip
 #: K=512 fp16 ZO body + first-order dense fp16 head, 40 ZO steps (<= 4 KB per client-round)
+#: the preset (simulations/h_lora_subspace.toml) without its server momentum: z's rate 2e-2
+_H = {**_K2688, "codec-lr": 2e-2}
+#: server momentum 0.5 on the (reconstructed) mean update (FedAvgM)
+_M05 = {"server-opt": "fedavgm", "server-opt-lr": 1.0, "server-opt-momentum": 0.5}
 _ZO512 = {"trainer": "subspace-zo", "codec": "subspace", "codec-k": 512, "codec-coef-bits": 16,
           "codec-head": "dense", "codec-head-bits": 16, "codec-lr": 1e-2, "codec-head-lr": 1e-2,
           "zo-eps": 1e-2, "factor-mode": "ffa", "local-steps": 40}  # fmt: skip
@@ -65,8 +69,7 @@ _DIR01 = {"partitioning": "dirichlet", "dirichlet-alpha": 0.1, "num-partitions":
 ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     "dense_fp32": ({"codec": "dense"}, [0, 1, 2]),
     # the baseline with the preset's server momentum: is the gain the subspace's or momentum's?
-    "dense_fp32_m0.5": ({"codec": "dense", "server-opt": "fedavgm", "server-opt-lr": 1.0,
-                         "server-opt-momentum": 0.5}, [0]),
+    "dense_fp32_m0.5": ({"codec": "dense", **_M05}, [0]),
     "dense_fp16": ({"codec": "dense", "codec-coef-bits": 16}, [0]),
     "dense_int8": ({"codec": "dense", "codec-coef-bits": 8}, [0]),
     "topk_ef": ({"codec": "topk", "codec-density": 0.01, "error-feedback": True}, [0]),
@@ -123,20 +126,11 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
         [0],
     ),
     "subspace_k2688_int8_lr2x_ffa_headk512": (_K2688, [0, 1]),
-    "subspace_k2688_int8_lr2x_ffa_headk512_m0.5": (
-        {**_K2688, "server-opt": "fedavgm", "server-opt-lr": 1.0, "server-opt-momentum": 0.5},
-        [0],
-    ),
-    "subspace_k2688_int8_lr4x_ffa_headk512": ({**_K2688, "codec-lr": 2e-2}, [0, 1]),
+    "subspace_k2688_int8_lr2x_ffa_headk512_m0.5": ({**_K2688, **_M05}, [0]),
+    "subspace_k2688_int8_lr4x_ffa_headk512": (_H, [0, 1]),
     # the preset with server momentum on the reconstructed update, and with 40 local steps
-    "subspace_k2688_int8_lr4x_ffa_headk512_m0.5": (
-        {**_K2688, "codec-lr": 2e-2, "server-opt": "fedavgm", "server-opt-lr": 1.0,
-         "server-opt-momentum": 0.5},
-        [0, 1, 2],
-    ),
-    "subspace_k2688_int8_lr4x_ffa_headk512_steps40": (
-        {**_K2688, "codec-lr": 2e-2, "local-steps": 40}, [0],
-    ),
+    "subspace_k2688_int8_lr4x_ffa_headk512_m0.5": ({**_H, **_M05}, [0, 1, 2]),
+    "subspace_k2688_int8_lr4x_ffa_headk512_steps40": ({**_H, "local-steps": 40}, [0]),
     "subspace_k1536_int8_lr2x_ffa_headint8": (
         {**_SUB, "codec-k": 1536, "codec-coef-bits": 8, "codec-lr": 1e-2,
          "factor-mode": "ffa", "codec-head": "dense", "codec-head-bits": 8},
@@ -165,8 +159,7 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
                             "merger-rescale": "mean-norm"}, [0]),
     # TIES on projected updates: the preset's reconstructed subspace updates merged by TIES
     "subspace_k2688_int8_lr4x_ffa_headk512_ties_d0.5_meannorm": (
-        {**_K2688, "codec-lr": 2e-2, "merger": "ties", "merger-density": 0.5,
-         "merger-rescale": "mean-norm"},
+        {**_H, "merger": "ties", "merger-density": 0.5, "merger-rescale": "mean-norm"},
         [0],
     ),
     # point 4 on a label-skewed federation: 11 Dirichlet(0.1) clients, FedAvg vs TIES

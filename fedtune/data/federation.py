@@ -86,14 +86,7 @@ def partition(
         ds = ds.select(_permutation(rng.derive_key(seed, 0x11D), len(ds)))
         p: IidPartitioner | DirichletPartitioner = IidPartitioner(num_partitions=num_partitions)
     elif how == "dirichlet":
-        p = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=alpha,
-            min_partition_size=1,
-            self_balancing=False,
-            seed=seed,
-        )
+        p = _dirichlet(num_partitions, alpha, seed, min_size=1)
     else:
         raise DataError(f"unknown partitioning {how!r}; allowed: natural, iid, dirichlet")
     p.dataset = ds
@@ -110,16 +103,22 @@ def partition(
     # about a dozen empty partitions per draw), so draw once allowing empties and give each
     # empty partition one keyed row of the largest one. Only reached where flwr-datasets
     # fails, so every federation it could build is unchanged.
-    p = DirichletPartitioner(
+    p = _dirichlet(num_partitions, alpha, seed, min_size=0)
+    p.dataset = ds
+    return _fill_empty([p.load_partition(i) for i in range(num_partitions)], seed), names
+
+
+def _dirichlet(num_partitions: int, alpha: float, seed: int, min_size: int) -> DirichletPartitioner:
+    """Dirichlet(α) label skew over ``label``, keyed by ``seed``; flwr-datasets redraws until
+    every partition has ``min_size`` rows."""
+    return DirichletPartitioner(
         num_partitions=num_partitions,
         partition_by="label",
         alpha=alpha,
-        min_partition_size=0,
+        min_partition_size=min_size,
         self_balancing=False,
         seed=seed,
     )
-    p.dataset = ds
-    return _fill_empty([p.load_partition(i) for i in range(num_partitions)], seed), names
 
 
 def _fill_empty(parts: list[Dataset], seed: int) -> list[Dataset]:
