@@ -62,6 +62,8 @@ _ZO512 = {"trainer": "subspace-zo", "codec": "subspace", "codec-k": 512, "codec-
           "codec-head": "dense", "codec-head-bits": 16, "codec-lr": 1e-2, "codec-head-lr": 1e-2,
           "zo-eps": 1e-2, "factor-mode": "ffa", "local-steps": 40}  # fmt: skip
 
+#: the client learning rate annealed over the run: cosine from lr to 0.1 x lr (fedtune/trainers.py)
+_COS = {"lr-schedule": "cosine", "lr-final": 0.1}
 #: a label-skewed federation of the same size as the default one
 _DIR01 = {"partitioning": "dirichlet", "dirichlet-alpha": 0.1, "num-partitions": 11}
 
@@ -70,6 +72,8 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     "dense_fp32": ({"codec": "dense"}, [0, 1, 2]),
     # the baseline with the preset's server momentum: is the gain the subspace's or momentum's?
     "dense_fp32_m0.5": ({"codec": "dense", **_M05}, [0]),
+    # point 5 (run with --rounds 20): the client lr annealed over the rounds (cosine to 0.1x)
+    "dense_fp32_m0.5_cos0.1": ({"codec": "dense", **_M05, **_COS}, [0]),
     "dense_fp16": ({"codec": "dense", "codec-coef-bits": 16}, [0]),
     "dense_int8": ({"codec": "dense", "codec-coef-bits": 8}, [0]),
     "topk_ef": ({"codec": "topk", "codec-density": 0.01, "error-feedback": True}, [0]),

@@ -61,10 +61,13 @@ def main() -> int:
     ap.add_argument("--eps", default="inf,4,8,1")
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/privacy.json"))
+    ap.add_argument("--clip", default="", help="per-codec dp-clip-norm, e.g. dense=5,subspace_h=20")
+    ap.add_argument("--set", action="append", default=[], help="extra key=value for every row")
     args = ap.parse_args()
     pipeline.quiet_libraries()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else []
+    clips = {k: float(v) for k, v in (x.split("=") for x in args.clip.split(",") if x)}
     for e in args.eps.split(","):
         for name in args.codecs.split(","):
             eps = math.inf if e == "inf" else float(e)
@@ -75,7 +78,10 @@ def main() -> int:
             rc = {**BASE, **CODECS[name], "num-rounds": args.rounds, "dp-noise-multiplier": z,
                   "fraction-train": args.q, "local-steps": args.local_steps,
                   "run-name": f"{name}-eps{e}-r{args.rounds}{tag}"}  # fmt: skip
-            kv = " ".join(f"{k}={json.dumps(v)}" for k, v in rc.items())
+            if name in clips:
+                rc["dp-clip-norm"] = clips[name]
+                rc["run-name"] += f"-c{clips[name]:g}"
+            kv = " ".join([*(f"{k}={json.dumps(v)}" for k, v in rc.items()), *args.set])
             t0 = time.time()
             sim = Simulation(build_config([kv]), echo=lambda s: None)
             sim.run()
@@ -86,7 +92,7 @@ def main() -> int:
             res = {
                 "codec": name, "target_epsilon": e, "noise_multiplier": z,
                 "epsilon_spent": last.get("dp-epsilon"), "delta": 1 / N, "rounds": args.rounds,
-                "q": args.q, "local_steps": args.local_steps,
+                "q": args.q, "local_steps": args.local_steps, "clip_norm": rc["dp-clip-norm"],
                 "accuracy": last["test-accuracy"], "accuracy_by_round": [r["test-accuracy"] for r in rows],
                 "bytes_up_per_round": sum(r["bytes-up"] for r in rows[1:]) / args.rounds,
                 "wall_s": round(time.time() - t0, 1), "command": f"python -m fedtune.simulate -c \"{kv}\"",

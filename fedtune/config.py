@@ -193,6 +193,19 @@ class Config:
         hi=10.0,
         what="a learning rate in [0, 10]",
     )
+    lr_schedule: Literal["constant", "cosine"] = key(
+        "constant",
+        "client learning rate over rounds: 'constant', or 'cosine' from lr in round 1 down to "
+        "lr-final x lr in the last round (first-order trainers; scales codec-lr of "
+        "trainer='subspace' too)",
+    )
+    lr_final: float = key(
+        0.1,
+        "lr-schedule='cosine': the last round's learning rate as a fraction of the first's",
+        lo=0.0,
+        hi=1.0,
+        what="a fraction in [0, 1]",
+    )
     weight_decay: float = key(0.0, "AdamW weight decay", lo=0.0, hi=1.0, what="a number in [0, 1]")
     grad_clip: float = key(
         1.0, "gradient-norm clip (0 = off)", lo=0.0, what="0 (off) or a positive norm"
@@ -258,6 +271,13 @@ class Config:
     )
     min_available_nodes: int = key(
         2, "nodes to wait for (at most round-timeout seconds)", lo=1, what=_POSITIVE
+    )
+    identify_nodes: Literal["all", "sampled"] = key(
+        "all",
+        "which nodes fedtune.launch asks for their partition id: 'all' at first contact "
+        "(sampling by partition id: restart-stable, the same clients as fedtune.simulate), or "
+        "'sampled' (sampling by node id, only the sampled nodes are asked: round 1 does not "
+        "grow with the federation; for thousands of nodes)",
     )
     round_timeout: float = key(
         900.0,

@@ -322,6 +322,12 @@ def validate(cfg: Config) -> None:
             f"run-config key 'trainer' is 'first-order' but codec {cfg.codec!r} carries "
             "zeroth-order scalars; use trainer='zeroth-order' (or 'auto')"
         )
+    if cfg.lr_schedule != "constant" and trainer_name(cfg) == "zeroth-order":
+        raise ConfigError(
+            f"run-config key 'lr-schedule' is {cfg.lr_schedule!r} but trainer 'zeroth-order' "
+            "sends (key, scalar) pairs that the server replays at the codec's one lr; use "
+            "lr-schedule='constant' (or trainer='subspace-zo', which sends its coefficients)"
+        )
     if cfg.factor_mode == "exact":
         _check_exact(cfg, built["merger"], built["server-opt"])
     if cfg.downlink != "dense":

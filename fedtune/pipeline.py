@@ -21,7 +21,7 @@ from fedtune.evaluate import evaluate_classifier, evaluate_lm
 from fedtune.models import load_model, resolve_device
 from fedtune.round import ServerRound
 from fedtune.train import collate_for, eval_batches, shuffled_batches
-from fedtune.trainers import LocalJob, LocalSpec
+from fedtune.trainers import LocalJob, LocalSpec, lr_scale
 
 Tensors = dict[str, torch.Tensor]
 
@@ -79,10 +79,12 @@ def federation(cfg: Config) -> Federation:
     return build_federation(cfg)
 
 
-def local_spec(cfg: Config) -> LocalSpec:
+def local_spec(cfg: Config, server_round: int = 1) -> LocalSpec:
+    """The local-training knobs of round ``server_round`` (the lr schedule is per round)."""
     return LocalSpec(
         steps=cfg.local_steps,
         lr=cfg.lr,
+        lr_scale=lr_scale(cfg.lr_schedule, server_round, cfg.num_rounds, cfg.lr_final),
         weight_decay=cfg.weight_decay,
         grad_clip=cfg.grad_clip,
         batch_size=cfg.batch_size,
@@ -120,7 +122,7 @@ def client_round(
     batches = shuffled_batches(data, collate, cfg.batch_size, data_key)
     enc = codec(cfg)
     train = parts.trainer(cfg, partition_id, len(fed.clients))
-    job = LocalJob(wb.model, batches, global_state, local_spec(cfg), wb.device, key, data_key, enc)
+    job = LocalJob(wb.model, batches, global_state, local_spec(cfg, server_round), wb.device, key, data_key, enc)
     result = train(job)
     update = result.update
     if error_feedback is not None and isinstance(update, dict):

@@ -533,9 +533,10 @@ class Session:
         basis = codec.basis(like, server_round)
         z = torch.zeros(basis.layout.k, requires_grad=z_grad)
         head = [params[n] for n in basis.layout.head]
-        groups: list[dict[str, Any]] = [{"params": [z], "lr": codec.lr or spec.lr}]
+        s = spec.lr_scale  # the lr schedule scales the rates of z and of the head alike
+        groups: list[dict[str, Any]] = [{"params": [z], "lr": (codec.lr or spec.lr) * s}]
         if head:
-            groups.append({"params": head, "lr": codec.head_lr or spec.lr})
+            groups.append({"params": head, "lr": (codec.head_lr or spec.lr) * s})
         opt = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
         theta0 = _flat(like, basis.layout.sub)
         job.model.to(job.device)

@@ -18,6 +18,7 @@ outside fedtune).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,10 +38,28 @@ class LocalSpec:
 
     steps: int
     lr: float
+    lr_scale: float = 1.0  # this round's factor of the lr schedule (lr_scale())
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_size: int = 16
     zo_eps: float = 1e-3
+
+
+def lr_scale(schedule: str, server_round: int, num_rounds: int, final: float) -> float:
+    """The client learning rate of ``server_round`` as a factor of ``lr``.
+
+    ``'cosine'`` is the cosine annealing of Loshchilov & Hutter (ICLR 2017, eq. 5) without
+    restarts, run over rounds: ``final + (1 - final) * (1 + cos(pi * (t - 1) / (R - 1))) / 2``,
+    so round 1 trains at ``lr`` and round ``R`` at ``final * lr``. Each round's AdamW starts
+    afresh (its moments do not survive the round), so without a schedule every round takes
+    steps of the same size to the end; the decay lets the last rounds settle (issue 17, point 5).
+    """
+    if schedule == "constant" or num_rounds <= 1:
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"lr schedule must be 'constant' or 'cosine', got {schedule!r}")
+    frac = min(max(server_round - 1, 0), num_rounds - 1) / (num_rounds - 1)
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 @dataclass
@@ -84,7 +103,7 @@ def first_order(job: LocalJob) -> LocalResult:
         job.model,
         job.batches,
         steps=job.spec.steps,
-        lr=job.spec.lr,
+        lr=job.spec.lr * job.spec.lr_scale,
         weight_decay=job.spec.weight_decay,
         grad_clip=job.spec.grad_clip,
         device=job.device,

@@ -53,6 +53,7 @@ def main(grid: Grid, context: Context) -> None:
         # a fresh run starts from the keyed initial adapter, which clients build themselves too
         client_initial=first_round == 1,
         private=parts.private_run(cfg),  # dp sampling, SecAgg+ parameters
+        identify_nodes=cfg.identify_nodes,
         fraction_train=cfg.fraction_train,
         min_train_nodes=cfg.min_train_nodes,
         min_available_nodes=cfg.min_available_nodes,

@@ -262,3 +262,35 @@ def test_clip_reject_drops_oversized_updates_before_the_direction_filter_and_log
     assert "is 100x the round's clip bound" in stats.dropped["404"]
     assert "clip-reject 10" in stats.dropped["404"]
     assert metrics["dropped-replies"] == 1
+
+
+def test_identify_sampled_asks_only_the_sampled_nodes():
+    """identify-nodes='sampled' (thousands of nodes): round 1 sends one identity query per
+    *sampled* node, not per connected node; keys stay per slot (the reported partition id)."""
+    nodes = list(range(1000, 1050))
+    partition = {n: 49 - i for i, n in enumerate(nodes)}  # partition ids unrelated to node ids
+    s, spec = _strategy(identify_nodes="sampled")
+    s.fraction_train = 0.1
+    g = _grid(nodes=nodes, partition=partition)
+    msgs = list(s.configure_train(1, state_to_record(spec), ConfigRecord({}), g))
+    assert len(msgs) == 5
+    (queries,), _ = g.send_and_receive.call_args
+    assert sorted(m.metadata.dst_node_id for m in queries) == sorted(
+        m.metadata.dst_node_id for m in msgs
+    )  # asked exactly the sampled five
+    for m in msgs:
+        slot = int(m.content["config"]["slot"])
+        assert slot == partition[m.metadata.dst_node_id]
+        assert key_from_config(m.content["config"]) == s.client_key(1, slot)
+    # the 'all' default asks every node once
+    s_all, _ = _strategy()
+    s_all.fraction_train = 0.1
+    g_all = _grid(nodes=nodes, partition=partition)
+    list(s_all.configure_train(1, state_to_record(spec), ConfigRecord({}), g_all))
+    (queries_all,), _ = g_all.send_and_receive.call_args
+    assert len(queries_all) == 50
+
+
+def test_identify_nodes_must_be_known():
+    with pytest.raises(ValueError, match="identify_nodes"):
+        _strategy(identify_nodes="some")

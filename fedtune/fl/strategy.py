@@ -60,6 +60,7 @@ class FedTuneStrategy(FedAvg):
         downlink: str = "dense",
         client_initial: bool = False,
         private: PrivateRun | None = None,
+        identify_nodes: str = "all",
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(fraction_evaluate=0.0, **fedavg_kwargs)
@@ -78,6 +79,9 @@ class FedTuneStrategy(FedAvg):
         self.history: list[RoundStats] = []
         self._stats = RoundStats(0)
         self.private = private if private is not None else PrivateRun()
+        if identify_nodes not in ("all", "sampled"):
+            raise ValueError(f"identify_nodes must be 'all' or 'sampled', got {identify_nodes!r}")
+        self.identify_nodes = identify_nodes
 
     def new_stats(self, server_round: int) -> RoundStats:
         """This round's stats (begun by configure_train)."""
@@ -140,16 +144,22 @@ class FedTuneStrategy(FedAvg):
                 self.node_wait,
             )
             return []
-        self.identify(grid, nodes)
-        by_slot = sorted(nodes, key=lambda n: self.slots[n])
+        if self.identify_nodes == "sampled":
+            order = nodes  # node-id order: no node is asked anything before it is sampled
+        else:
+            self.identify(grid, nodes)  # once per node: sampling is by slot (partition id)
+            order = sorted(nodes, key=lambda n: self.slots[n])
         picks = rnd_.sample(
             self.run_seed,
             server_round,
-            len(by_slot),
+            len(order),
             self.fraction_train,
             self.min_train_nodes,
             poisson=self.private.poisson,
         )
+        chosen = [order[i] for i in picks]
+        if self.identify_nodes == "sampled":
+            self.identify(grid, chosen)  # the keys are still per slot
         private = self.private.client_config(self.round.dp, len(picks))
         residual = self.round.residual  # exact mode: the dense residual goes with every message
         extra = {RESIDUAL: state_to_record(residual)} if residual else {}
@@ -157,7 +167,7 @@ class FedTuneStrategy(FedAvg):
         self.downlink.dense_bytes = arrays.count_bytes()
         digest = state_digest(self.current) if self.downlink.mode != "dense" else b""
         self.issued, messages = {}, []
-        for node_id in (by_slot[i] for i in picks):
+        for node_id in chosen:
             slot = self.slots[node_id]
             key = self.client_key(server_round, slot)
             self.issued[node_id] = (slot, key)
@@ -284,4 +294,3 @@ class FedTuneStrategy(FedAvg):
         log(INFO, "\t├── fedtune: codec=%s merger=%s server-opt=%s", *names)
         log(INFO, "\t├── fedtune: min-valid=%d downlink=%s", r.min_valid, self.downlink.mode)
         super().summary()
-
