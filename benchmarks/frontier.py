@@ -160,7 +160,10 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
                             "merger-rescale": "mean-norm"}, [0]),
     # half the coordinates kept: TIES's elected sign with less of the update trimmed away
     "ties_d0.5_meannorm": ({"merger": "ties", "merger-density": 0.5,
-                            "merger-rescale": "mean-norm"}, [0]),
+                            "merger-rescale": "mean-norm"}, [0, 1]),
+    # against dense_fp32_m0.5: TIES's merged task vector with the same server momentum
+    "ties_d0.5_meannorm_m0.5": ({"merger": "ties", "merger-density": 0.5,
+                                 "merger-rescale": "mean-norm", **_M05}, [0]),
     # TIES on projected updates: the preset's reconstructed subspace updates merged by TIES
     "subspace_k2688_int8_lr4x_ffa_headk512_ties_d0.5_meannorm": (
         {**_H, "merger": "ties", "merger-density": 0.5, "merger-rescale": "mean-norm"},

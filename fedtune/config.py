@@ -272,12 +272,12 @@ class Config:
     min_available_nodes: int = key(
         2, "nodes to wait for (at most round-timeout seconds)", lo=1, what=_POSITIVE
     )
-    identify_nodes: Literal["all", "sampled"] = key(
-        "all",
+    identify_nodes: Literal["auto", "all", "sampled"] = key(
+        "auto",
         "which nodes fedtune.launch asks for their partition id: 'all' at first contact "
-        "(sampling by partition id: restart-stable, the same clients as fedtune.simulate), or "
+        "(sampling by partition id: restart-stable, the same clients as fedtune.simulate), "
         "'sampled' (sampling by node id, only the sampled nodes are asked: round 1 does not "
-        "grow with the federation; for thousands of nodes)",
+        "grow with the federation), 'auto' = 'all' up to 256 connected nodes, else 'sampled'",
     )
     round_timeout: float = key(
         900.0,

@@ -282,13 +282,24 @@ def test_identify_sampled_asks_only_the_sampled_nodes():
         slot = int(m.content["config"]["slot"])
         assert slot == partition[m.metadata.dst_node_id]
         assert key_from_config(m.content["config"]) == s.client_key(1, slot)
-    # the 'all' default asks every node once
-    s_all, _ = _strategy()
+    # 'all' (and 'auto' up to 256 nodes) asks every node once
+    s_all, _ = _strategy(identify_nodes="all")
     s_all.fraction_train = 0.1
     g_all = _grid(nodes=nodes, partition=partition)
     list(s_all.configure_train(1, state_to_record(spec), ConfigRecord({}), g_all))
     (queries_all,), _ = g_all.send_and_receive.call_args
     assert len(queries_all) == 50
+
+
+@pytest.mark.parametrize(("n", "asked"), [(256, 256), (300, 15)])
+def test_identify_auto_asks_all_nodes_up_to_256(n, asked):
+    nodes = list(range(5000, 5000 + n))
+    s, spec = _strategy()  # identify_nodes='auto', the default
+    s.fraction_train = 0.05
+    g = _grid(nodes=nodes)
+    msgs = list(s.configure_train(1, state_to_record(spec), ConfigRecord({}), g))
+    (queries,), _ = g.send_and_receive.call_args
+    assert len(queries) == asked and len(msgs) == int(n * 0.05)
 
 
 def test_identify_nodes_must_be_known():

@@ -42,6 +42,9 @@ from fedtune.privacy.settings import PrivateRun
 
 Tensors = dict[str, torch.Tensor]
 FALLBACK_SLOT = 1 << 20  # slots of nodes that did not report a partition id
+# identify-nodes='auto': ask every node its partition id (restart-stable sampling) up to this many
+# connected nodes; above it only the sampled ones (one query costs ~0.1 s a node in simulation)
+AUTO_IDENTIFY_ALL = 256
 
 
 class FedTuneStrategy(FedAvg):
@@ -60,7 +63,7 @@ class FedTuneStrategy(FedAvg):
         downlink: str = "dense",
         client_initial: bool = False,
         private: PrivateRun | None = None,
-        identify_nodes: str = "all",
+        identify_nodes: str = "auto",
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(fraction_evaluate=0.0, **fedavg_kwargs)
@@ -79,8 +82,10 @@ class FedTuneStrategy(FedAvg):
         self.history: list[RoundStats] = []
         self._stats = RoundStats(0)
         self.private = private if private is not None else PrivateRun()
-        if identify_nodes not in ("all", "sampled"):
-            raise ValueError(f"identify_nodes must be 'all' or 'sampled', got {identify_nodes!r}")
+        if identify_nodes not in ("auto", "all", "sampled"):
+            raise ValueError(
+                f"identify_nodes must be 'auto', 'all' or 'sampled', got {identify_nodes!r}"
+            )
         self.identify_nodes = identify_nodes
 
     def new_stats(self, server_round: int) -> RoundStats:
@@ -144,7 +149,10 @@ class FedTuneStrategy(FedAvg):
                 self.node_wait,
             )
             return []
-        if self.identify_nodes == "sampled":
+        lazy = self.identify_nodes == "sampled" or (
+            self.identify_nodes == "auto" and len(nodes) > AUTO_IDENTIFY_ALL
+        )
+        if lazy:
             order = nodes  # node-id order: no node is asked anything before it is sampled
         else:
             self.identify(grid, nodes)  # once per node: sampling is by slot (partition id)
@@ -158,7 +166,7 @@ class FedTuneStrategy(FedAvg):
             poisson=self.private.poisson,
         )
         chosen = [order[i] for i in picks]
-        if self.identify_nodes == "sampled":
+        if lazy:
             self.identify(grid, chosen)  # the keys are still per slot
         private = self.private.client_config(self.round.dp, len(picks))
         residual = self.round.residual  # exact mode: the dense residual goes with every message
