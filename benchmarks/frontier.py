@@ -64,6 +64,8 @@ _ZO512 = {"trainer": "subspace-zo", "codec": "subspace", "codec-k": 512, "codec-
 
 #: the client learning rate annealed over the run: cosine from lr to 0.1 x lr (fedtune/trainers.py)
 _COS = {"lr-schedule": "cosine", "lr-final": 0.1}
+#: 2 of the 11 clients send their update sign-flipped at honest size (simulations/m_flip1_*.toml)
+_FLIP1 = {"attack": "sign-flip", "attack-fraction": 0.2, "attack-scale": 1.0}
 #: a label-skewed federation of the same size as the default one
 _DIR01 = {"partitioning": "dirichlet", "dirichlet-alpha": 0.1, "num-partitions": 11}
 
@@ -161,6 +163,10 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     # half the coordinates kept: TIES's elected sign with less of the update trimmed away
     "ties_d0.5_meannorm": ({"merger": "ties", "merger-density": 0.5,
                             "merger-rescale": "mean-norm"}, [0, 1]),
+    # point 4 on a federation with conflicting signs by construction: 2 of 11 clients flipped
+    "dense_fp32_flip1": ({"codec": "dense", **_FLIP1}, [0]),
+    "ties_d0.5_meannorm_flip1": ({"merger": "ties", "merger-density": 0.5,
+                                  "merger-rescale": "mean-norm", **_FLIP1}, [0]),
     # against dense_fp32_m0.5: TIES's merged task vector with the same server momentum
     "ties_d0.5_meannorm_m0.5": ({"merger": "ties", "merger-density": 0.5,
                                  "merger-rescale": "mean-norm", **_M05}, [0]),
@@ -294,19 +300,20 @@ def _seed_final(rows: list[dict[str, Any]], name: str, seed: int) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     base = next((r for r in rows if r["name"] == "dense_fp32"), None)
     out = [
-        "| row | seeds | final acc | best acc | vs dense (pt) | uplink B / client-round "
+        "| row | rounds | seeds | final acc | best acc | vs dense (pt) | uplink B / client-round "
         "| total uplink B | fewer bytes than dense | worst drop after r2 (pt) | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gap = f"{100 * (r['final_accuracy'] - base['final_accuracy']):+.1f}" if base else "-"
+        # per client-round, so that a 20-round row compares with the 10-round baseline
         ratio = (
-            f"{base['total_uplink_bytes'] / r['total_uplink_bytes']:,.1f}x"
-            if base and r["total_uplink_bytes"]
+            f"{base['uplink_bytes_per_client_round'] / r['uplink_bytes_per_client_round']:,.1f}x"
+            if base and r["uplink_bytes_per_client_round"]
             else "-"
         )
         out.append(
-            f"| {r['name']} | {len(r['seeds'])} | {r['final_accuracy']:.4f} | "
+            f"| {r['name']} | {r['rounds']} | {len(r['seeds'])} | {r['final_accuracy']:.4f} | "
             f"{r['best_accuracy']:.4f} | {gap} | {r['uplink_bytes_per_client_round']:,.0f} | "
             f"{r['total_uplink_bytes']:,.0f} | {ratio} | {100 * r['min_step_accuracy']:.1f} | "
             f"{r['wall_seconds']:,.0f} |"
