@@ -75,7 +75,7 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     # the baseline with the preset's server momentum: is the gain the subspace's or momentum's?
     "dense_fp32_m0.5": ({"codec": "dense", **_M05}, [0]),
     # point 5 (run with --rounds 20): the client lr annealed over the rounds (cosine to 0.1x)
-    "dense_fp32_m0.5_cos0.1": ({"codec": "dense", **_M05, **_COS}, [0]),
+    "dense_fp32_m0.5_cos0.1": ({"codec": "dense", **_M05, **_COS}, [0, 1]),
     "dense_fp16": ({"codec": "dense", "codec-coef-bits": 16}, [0]),
     "dense_int8": ({"codec": "dense", "codec-coef-bits": 8}, [0]),
     "topk_ef": ({"codec": "topk", "codec-density": 0.01, "error-feedback": True}, [0]),
@@ -162,14 +162,11 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
                             "merger-rescale": "mean-norm"}, [0]),
     # half the coordinates kept: TIES's elected sign with less of the update trimmed away
     "ties_d0.5_meannorm": ({"merger": "ties", "merger-density": 0.5,
-                            "merger-rescale": "mean-norm"}, [0, 1]),
+                            "merger-rescale": "mean-norm"}, [0]),
     # point 4 on a federation with conflicting signs by construction: 2 of 11 clients flipped
     "dense_fp32_flip1": ({"codec": "dense", **_FLIP1}, [0]),
     "ties_d0.5_meannorm_flip1": ({"merger": "ties", "merger-density": 0.5,
                                   "merger-rescale": "mean-norm", **_FLIP1}, [0]),
-    # against dense_fp32_m0.5: TIES's merged task vector with the same server momentum
-    "ties_d0.5_meannorm_m0.5": ({"merger": "ties", "merger-density": 0.5,
-                                 "merger-rescale": "mean-norm", **_M05}, [0]),
     # TIES on projected updates: the preset's reconstructed subspace updates merged by TIES
     "subspace_k2688_int8_lr4x_ffa_headk512_ties_d0.5_meannorm": (
         {**_H, "merger": "ties", "merger-density": 0.5, "merger-rescale": "mean-norm"},
