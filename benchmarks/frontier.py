@@ -167,6 +167,9 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
     "dense_fp32_flip1": ({"codec": "dense", **_FLIP1}, [0]),
     "ties_d0.5_meannorm_flip1": ({"merger": "ties", "merger-density": 0.5,
                                   "merger-rescale": "mean-norm", **_FLIP1}, [0]),
+    # against dense_fp32_m0.5: TIES's merged task vector with the same server momentum
+    "ties_d0.5_meannorm_m0.5": ({"merger": "ties", "merger-density": 0.5,
+                                 "merger-rescale": "mean-norm", **_M05}, [0]),
     # TIES on projected updates: the preset's reconstructed subspace updates merged by TIES
     "subspace_k2688_int8_lr4x_ffa_headk512_ties_d0.5_meannorm": (
         {**_H, "merger": "ties", "merger-density": 0.5, "merger-rescale": "mean-norm"},
