@@ -162,7 +162,7 @@ ROWS: dict[str, tuple[dict[str, Any], list[int]]] = {
                             "merger-rescale": "mean-norm"}, [0]),
     # half the coordinates kept: TIES's elected sign with less of the update trimmed away
     "ties_d0.5_meannorm": ({"merger": "ties", "merger-density": 0.5,
-                            "merger-rescale": "mean-norm"}, [0]),
+                            "merger-rescale": "mean-norm"}, [0, 1]),
     # point 4 on a federation with conflicting signs by construction: 2 of 11 clients flipped
     "dense_fp32_flip1": ({"codec": "dense", **_FLIP1}, [0]),
     "ties_d0.5_meannorm_flip1": ({"merger": "ties", "merger-density": 0.5,

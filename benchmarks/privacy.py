@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -95,7 +96,7 @@ def main() -> int:
                 "q": args.q, "local_steps": args.local_steps, "clip_norm": rc["dp-clip-norm"],
                 "accuracy": last["test-accuracy"], "accuracy_by_round": [r["test-accuracy"] for r in rows],
                 "bytes_up_per_round": sum(r["bytes-up"] for r in rows[1:]) / args.rounds,
-                "wall_s": round(time.time() - t0, 1), "command": f"python -m fedtune.simulate -c \"{kv}\"",
+                "wall_s": round(time.time() - t0, 1), "command": f"python -m fedtune.simulate -c {shlex.quote(kv)}",
             }  # fmt: skip
             print(json.dumps({k: v for k, v in res.items() if k != "command"}), flush=True)
             results.append(res)

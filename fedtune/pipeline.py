@@ -122,7 +122,8 @@ def client_round(
     batches = shuffled_batches(data, collate, cfg.batch_size, data_key)
     enc = codec(cfg)
     train = parts.trainer(cfg, partition_id, len(fed.clients))
-    job = LocalJob(wb.model, batches, global_state, local_spec(cfg, server_round), wb.device, key, data_key, enc)
+    spec = local_spec(cfg, server_round)
+    job = LocalJob(wb.model, batches, global_state, spec, wb.device, key, data_key, enc)
     result = train(job)
     update = result.update
     if error_feedback is not None and isinstance(update, dict):
